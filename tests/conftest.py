@@ -1,0 +1,23 @@
+"""Shared test set-up: float64 by default, fixed seeds, a clean Pyro parameter store."""
+
+import os
+
+import pyro
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _clean_state():
+    """Every test starts in float64 with seed 0, validation on and an empty param store."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    yield
+    torch.set_default_dtype(old)
+    pyro.clear_param_store()
