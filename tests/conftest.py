@@ -8,6 +8,7 @@ import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
+torch.set_default_dtype(torch.float64)  # module-scoped fixtures run before the autouse one
 
 
 @pytest.fixture(autouse=True)
