@@ -636,9 +636,9 @@ class Dataset:
             vals = g[list(observations)].apply(pd.to_numeric).to_numpy(dtype=float)
             nanv = np.isnan(vals)
             if nanv.any() and not allow_missing:
-                r, col = (int(v) for v in np.argwhere(nanv)[0])
+                r, ci = (int(v) for v in np.argwhere(nanv)[0])
                 raise DataValidationError(
-                    f"from_dataframe: missing value in column {observations[col]!r} for "
+                    f"from_dataframe: missing value in column {observations[ci]!r} for "
                     f"individual {k!r} at time {tv[r]}; pass allow_missing=True or drop the row"
                 )
             y[i, :m] = np.where(nanv, 0.0, vals)

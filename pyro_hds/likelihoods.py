@@ -26,7 +26,7 @@ importance-weighted objective, where the likelihood, not the ODE, dominates the 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -42,7 +42,7 @@ __all__ = ["MaskedObservation", "observe"]
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _arguments(base: dist.Distribution) -> dict[str, torch.Tensor] | None:
+def _arguments(base: torch.distributions.Distribution) -> dict[str, torch.Tensor] | None:
     """The constructor arguments of a plain parametric distribution, or None if unknown."""
     names = list(getattr(base, "arg_constraints", {}))
     if not names:
@@ -73,7 +73,7 @@ class MaskedObservation(TorchDistribution):
 
     def __init__(
         self,
-        base: dist.Distribution,
+        base: torch.distributions.Distribution,
         mask: torch.Tensor | None = None,
         validate_args: bool | None = None,
     ) -> None:
@@ -94,8 +94,8 @@ class MaskedObservation(TorchDistribution):
 
     @staticmethod
     def _sanitize(
-        base: dist.Distribution, shape: torch.Size
-    ) -> tuple[dist.Distribution, torch.Tensor | None]:
+        base: torch.distributions.Distribution, shape: torch.Size
+    ) -> tuple[torch.distributions.Distribution, torch.Tensor | None]:
         args = _arguments(base)
         if args is None:
             return base, None
@@ -116,7 +116,7 @@ class MaskedObservation(TorchDistribution):
         if bad is None or not bool(bad.any()):
             return base, None
         try:
-            safe = type(base)(**safe_args)
+            safe = type(base)(**safe_args)  # type: ignore[arg-type]
         except TypeError:
             return base, None
         return safe, bad.expand(shape).any(-1).any(-1)
@@ -144,10 +144,10 @@ class MaskedObservation(TorchDistribution):
     def variance(self) -> torch.Tensor:
         return self.base.variance.expand(self.batch_shape + self.event_shape)
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+    def sample(self, sample_shape: Any = torch.Size()) -> torch.Tensor:  # noqa: B008
         return self.base.expand(self.batch_shape + self.event_shape).sample(sample_shape)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+    def rsample(self, sample_shape: Any = torch.Size()) -> torch.Tensor:  # noqa: B008
         return self.base.expand(self.batch_shape + self.event_shape).rsample(sample_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -165,7 +165,9 @@ class MaskedObservation(TorchDistribution):
         return lp
 
 
-def _check_observation_shape(name: str, fn: dist.Distribution, data: Dataset) -> None:
+def _check_observation_shape(
+    name: str, fn: torch.distributions.Distribution, data: Dataset
+) -> None:
     expected = tuple(data.observations.shape)
     full = tuple(fn.batch_shape + fn.event_shape)
     if len(full) < 3 or full[-3:] != expected:
@@ -184,7 +186,7 @@ def _check_observation_shape(name: str, fn: dist.Distribution, data: Dataset) ->
         )
 
 
-def observe(name: str, fn: dist.Distribution, data: Dataset) -> torch.Tensor:
+def observe(name: str, fn: torch.distributions.Distribution, data: Dataset) -> torch.Tensor:
     """Condition on ``data.observations`` through ``fn``, masked by ``data.mask``.
 
     :param name: the site name.

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pyro_hds.data import DataValidationError, Dataset, Doses
+from pyro_hds.data import Dataset, DataValidationError, Doses
 
 
 def long_table() -> pd.DataFrame:
