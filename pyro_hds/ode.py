@@ -1,0 +1,329 @@
+r"""The ODE sample-site primitive :func:`ode` and its Pyro-free core :func:`solve`.
+
+Shapes. ``y0`` is ``(..., S)``; ``times`` is a shared grid ``(T,)`` or one grid per element
+``(..., T)`` (ragged grids padded by repeating the last time, as :class:`~pyro_hds.Dataset`
+gives them); each ``params[name]`` is ``batch + event`` with ``event_dims[name]`` trailing event
+dims (default 0: one scalar per element). The batch shape is the broadcast of ``y0.shape[:-1]``,
+``times.shape[:-1]``, the params' batch shapes and the doses' and inputs' leading shapes, so
+particles ``(S, K, 1)``, individuals ``(N,)`` and shared constants ``()`` combine freely. The
+result is ``(*batch, T, S)``.
+
+The right-hand side is called ``rhs(t, y, params)`` (``rhs(t, y, params, u)`` with inputs) on a
+flattened batch: ``y`` is ``(B, S)``, each param ``(B, *event)``, ``t`` is ``(B,)`` (or 0-d when
+every element shares the current time) and ``u`` is ``(B, D)``. Write it with ``...`` indexing
+and elementwise operations over the leading dim, e.g.
+``torch.stack([-k * y[..., 0], k * y[..., 0]], -1)``; quantities with a batch dim must be passed
+in ``params``, not closed over.
+
+Doses (:class:`~pyro_hds.Doses`, ``(..., M)``) add ``amount`` to state ``target`` at their
+times; an observation at a dose time is the pre-dose value. Piecewise-constant inputs
+(:class:`~pyro_hds.PiecewiseConstant`) join the schedule so steps never straddle a change.
+
+Failure is per element: see :class:`~pyro_hds.Solution` and the ``ode_status`` that
+:func:`ode` records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyro_hds.solvers import Dopri5, PiecewiseConstant, Solution, Solver, Status, get_solver
+from pyro_hds.solvers._base import build_schedule
+from pyro_hds.solvers._integrate import integrate_dopri5, integrate_fixed
+
+__all__ = ["ode", "solve"]
+
+_TORCHDIFFEQ = {"euler": "euler", "rk4": "rk4", "dopri5": "dopri5", "heun": "heun2"}
+
+
+def _as_float(name: str, what: str, x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=dtype) if not isinstance(x, torch.Tensor) else x
+    if not t.is_floating_point():
+        raise ValueError(
+            f"ode({name!r}): {what} must be a floating-point tensor, got dtype {t.dtype}"
+        )
+    return t
+
+
+def _unravel(i: int, shape: torch.Size) -> tuple[int, ...]:
+    out = []
+    for s in reversed(shape):
+        out.append(i % s)
+        i //= s
+    return tuple(reversed(out))
+
+
+def solve(
+    rhs: Callable[..., torch.Tensor],
+    y0: torch.Tensor,
+    times: torch.Tensor,
+    params: Mapping[str, torch.Tensor] | None = None,
+    *,
+    solver: str | Solver = "dopri5",
+    t0: float | torch.Tensor | None = None,
+    inputs: PiecewiseConstant | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    doses: Any = None,
+    adjoint: bool = False,
+    event_dims: Mapping[str, int] | None = None,
+    name: str = "ode",
+) -> Solution:
+    """Solve a batch of ODEs (see the module docstring for shapes); returns a Solution.
+
+    :param solver: a solver object (:class:`~pyro_hds.Euler`, :class:`~pyro_hds.Heun`,
+        :class:`~pyro_hds.RK4`, :class:`~pyro_hds.Dopri5`) or its short name.
+    :param t0: the time of ``y0`` (float or tensor broadcastable to the batch); default: each
+        element's first time.
+    :param adjoint: gradients by the adjoint method (torchdiffeq's ``odeint_adjoint``), for a
+        shared grid without doses or breakpoints; gradients then flow to ``y0`` and ``params``
+        only (not to tensors the rhs closes over).
+    """
+    solver = get_solver(solver)
+    params = dict(params or {})
+    event_dims = dict(event_dims or {})
+    unknown = set(event_dims) - set(params)
+    if unknown:
+        raise ValueError(f"ode({name!r}): event_dims names unknown params {sorted(unknown)}")
+    y0 = _as_float(name, "y0", y0)
+    if y0.dim() == 0:
+        raise ValueError(f"ode({name!r}): y0 must have a state dim (..., S); got a scalar")
+    dtype = y0.dtype
+    for key, value in params.items():
+        value = (
+            torch.as_tensor(value, dtype=dtype) if not isinstance(value, torch.Tensor) else value
+        )
+        params[key] = _as_float(name, f"params[{key!r}]", value)
+        dtype = torch.promote_types(dtype, params[key].dtype)
+    y0 = y0.to(dtype)
+    times = _as_float(name, "times", times, dtype).to(device=y0.device, dtype=dtype)
+    if times.dim() == 0 or times.shape[-1] == 0:
+        raise ValueError(f"ode({name!r}): times must be (T,) or (..., T) with T >= 1")
+
+    shapes = {"y0": y0.shape[:-1], "times": times.shape[:-1]}
+    for key, value in params.items():
+        ed = int(event_dims.get(key, 0))
+        if ed < 0 or ed > value.dim():
+            raise ValueError(
+                f"ode({name!r}): event_dims[{key!r}] = {ed} for shape {tuple(value.shape)}"
+            )
+        shapes[f"params[{key!r}]"] = value.shape[: value.dim() - ed]
+    if doses is not None:
+        shapes["doses"] = doses.times.shape[:-1]
+    if isinstance(inputs, PiecewiseConstant):
+        shapes["inputs"] = inputs.batch_shape
+    try:
+        batch = torch.broadcast_shapes(*shapes.values())
+    except RuntimeError as err:
+        listing = ", ".join(f"{k}: {tuple(v)}" for k, v in shapes.items())
+        raise ValueError(
+            f"ode({name!r}): batch shapes do not broadcast ({listing}). Batch dims are all but "
+            "the last dim of y0 and times and all but the event dims of each param; give "
+            "particle and individual dims consistent positions (e.g. (K, 1) and (N,))."
+        ) from err
+    b = math.prod(batch)
+    s = y0.shape[-1]
+    t_len = times.shape[-1]
+
+    y0f = y0.expand(*batch, s).reshape(b, s)
+    pf = {}
+    for key, value in params.items():
+        ed = int(event_dims.get(key, 0))
+        event = value.shape[value.dim() - ed :]
+        pf[key] = value.to(dtype).expand(*batch, *event).reshape(b, *event)
+
+    per_element_grid = times.dim() > 1 or doses is not None or isinstance(inputs, PiecewiseConstant)
+    t0_tensor = None if t0 is None else torch.as_tensor(t0, dtype=dtype, device=y0.device)
+    if t0_tensor is not None and t0_tensor.dim() > 0:
+        per_element_grid = True
+    if per_element_grid:
+        tf = times.expand(*batch, t_len).reshape(b, t_len)
+    else:
+        tf = times.reshape(1, t_len)
+    diffs = tf[:, 1:] - tf[:, :-1]
+    if bool((diffs < 0).any()):
+        i, j = (int(v) for v in (diffs < 0).nonzero()[0])
+        where = f"element {_unravel(i, batch)}" if tf.shape[0] > 1 else "the shared grid"
+        raise ValueError(
+            f"ode({name!r}): times are not sorted for {where}: {float(tf[i, j + 1])} after "
+            f"{float(tf[i, j])} (index {j + 1}); sort them"
+        )
+    if not bool(torch.isfinite(tf).all()):
+        raise ValueError(f"ode({name!r}): times must be finite")
+    if t0_tensor is None:
+        t0f = tf[:, 0]
+    else:
+        t0f = t0_tensor.expand(batch).reshape(b) if per_element_grid else t0_tensor.reshape(1)
+        early = tf[:, 0] < t0f
+        if bool(early.any()):
+            i = int(early.nonzero()[0])
+            raise ValueError(
+                f"ode({name!r}): time {float(tf[i, 0])} is before t0 = {float(t0f[i])}; the "
+                "solution starts at t0"
+            )
+
+    breakpoints = None
+    flat_inputs: Any = None
+    if isinstance(inputs, PiecewiseConstant):
+        flat_inputs = inputs.flat(batch)
+        flat_inputs = PiecewiseConstant(
+            flat_inputs.breakpoints.to(device=y0.device, dtype=dtype),
+            flat_inputs.values.to(device=y0.device, dtype=dtype),
+        )
+        breakpoints = flat_inputs.breakpoints
+    elif inputs is not None:
+        if not callable(inputs):
+            raise ValueError(
+                f"ode({name!r}): inputs must be a PiecewiseConstant or a callable u(t)"
+            )
+        user_u = inputs
+
+        def flat_inputs(t: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+            full_t = t if t.dim() == 0 else t.reshape(batch) if idx is None else None
+            if full_t is None:  # a subset: evaluate for all, then select
+                tt = torch.zeros(b, dtype=t.dtype, device=t.device).index_copy(0, idx, t)
+                u = user_u(tt.reshape(batch))
+                return u.expand(*batch, u.shape[-1]).reshape(b, -1).index_select(0, idx)
+            u = user_u(full_t)
+            u = u.expand(*batch, u.shape[-1]).reshape(b, -1)
+            return u if idx is None else u.index_select(0, idx)
+
+    sched = build_schedule(
+        tf,
+        t0f,
+        None if doses is None else doses.times.to(dtype).expand(*batch, -1).reshape(b, -1),
+        None if doses is None else doses.amounts.to(dtype).expand(*batch, -1).reshape(b, -1),
+        None if doses is None else doses.targets.expand(*batch, -1).reshape(b, -1).long(),
+        breakpoints,
+        num_states=s,
+        name=name,
+    )
+
+    checked = [False]
+
+    def f(t: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        pp = pf if idx is None else {k: v.index_select(0, idx) for k, v in pf.items()}
+        if flat_inputs is not None:
+            out = rhs(t, y, pp, flat_inputs(t, idx))
+        else:
+            out = rhs(t, y, pp)
+        if not checked[0]:
+            if not isinstance(out, torch.Tensor) or out.shape[-1:] != y.shape[-1:]:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(
+                    f"ode({name!r}): rhs returned {got}, expected dy/dt of shape "
+                    f"{tuple(y.shape)} (batch, states)"
+                )
+            checked[0] = True
+        if out.shape != y.shape:
+            out = out.expand(y.shape)
+        return out
+
+    if adjoint:
+        ys, status, steps, rejected, reached = _adjoint(
+            solver, f, y0f, tf, t0f, pf, per_element_grid, name
+        )
+    elif isinstance(solver, Dopri5):
+        ys, status, steps, rejected, reached = integrate_dopri5(
+            f,
+            y0f,
+            sched,
+            rtol=solver.rtol,
+            atol=solver.atol,
+            max_steps=solver.max_steps,
+            safety=solver.safety,
+            ifactor=solver.ifactor,
+            dfactor=solver.dfactor,
+            first_step=solver.first_step,
+        )
+    else:
+        ys, status, steps, rejected, reached = integrate_fixed(
+            solver.method, f, y0f, sched, int(getattr(solver, "substeps", 1))
+        )
+    return Solution(
+        ys=ys.reshape(*batch, t_len, s),
+        status=status.reshape(batch),
+        num_steps=steps.reshape(batch),
+        num_rejected=rejected.reshape(batch),
+        ts=times,
+        reached=None if reached is None else reached.reshape(*batch, t_len),
+    )
+
+
+def _adjoint(solver, f, y0f, tf, t0f, pf, per_element_grid, name):
+    from torchdiffeq import odeint_adjoint
+
+    if per_element_grid:
+        raise ValueError(
+            f"ode({name!r}, adjoint=True): the adjoint method needs one shared time grid, no "
+            "doses, no piecewise-constant inputs and a scalar t0; use backpropagation "
+            "(adjoint=False) for this problem"
+        )
+
+    class _Func(torch.nn.Module):
+        def forward(self, t, y):
+            return f(t, y)
+
+    grid = tf[0]
+    start = t0f.reshape(())
+    prepend = bool(grid[0] > start)
+    ts = torch.cat([start.reshape(1), grid]) if prepend else grid
+    options: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
+    if isinstance(solver, Dopri5):
+        kwargs.update(rtol=solver.rtol, atol=solver.atol)
+        options.update(max_num_steps=solver.max_steps)
+    else:
+        span = (ts[1:] - ts[:-1]).clamp(min=0)
+        positive = span[span > 0]
+        step = float(positive.min()) / solver.substeps if positive.numel() else 1.0
+        options.update(step_size=step)
+    adjoint_params = tuple(v for v in pf.values() if v.requires_grad)
+    out = odeint_adjoint(
+        _Func(),
+        y0f,
+        ts,
+        method=_TORCHDIFFEQ[solver.method],
+        options=options,
+        adjoint_params=adjoint_params,
+        **kwargs,
+    )  # (T', B, S)
+    if prepend:
+        out = out[1:]
+    ys = out.transpose(0, 1)
+    b = y0f.shape[0]
+    ok = torch.isfinite(ys).all(-1).all(-1)
+    status = torch.where(ok, int(Status.SUCCESS), int(Status.NONFINITE)).long()
+    zeros = torch.zeros(b, dtype=torch.long, device=y0f.device)
+    return ys, status, zeros, zeros, None
+
+
+def ode(
+    name: str,
+    rhs: Callable[..., torch.Tensor],
+    y0: torch.Tensor,
+    times: torch.Tensor,
+    params: Mapping[str, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Solve the ODE for every particle and individual and record the trajectory as a site.
+
+    Takes the arguments of :func:`solve`. The trajectory ``(*batch, T, S)`` is recorded like
+    ``pyro.deterministic(name, ys, event_dim=2)``, so ``poutine.trace``, ``Predictive``, the
+    guides and the ArviZ export see it; ``infer["ode_status"]`` holds the per-element
+    :class:`~pyro_hds.Status` codes (batch shape) and ``infer["ode_solution"]`` the
+    :class:`~pyro_hds.Solution`. Objectives give particles whose status is not SUCCESS zero
+    weight. An element that failed holds its last finite state in the returned trajectory.
+    """
+    solution = solve(rhs, y0, times, params, name=name, **kwargs)
+    ys = solution.ys
+    return pyro.sample(
+        name,
+        dist.Delta(ys, event_dim=2).mask(False),
+        obs=ys,
+        infer={"_deterministic": True, "ode_status": solution.status, "ode_solution": solution},
+    )
