@@ -204,11 +204,18 @@ def solve(
     )
 
     checked = [False]
+    piecewise = isinstance(flat_inputs, PiecewiseConstant)
 
     def f(t: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         pp = pf if idx is None else {k: v.index_select(0, idx) for k, v in pf.items()}
         if flat_inputs is not None:
-            out = rhs(t, y, pp, flat_inputs(t, idx))
+            # a piecewise-constant input is constant over a step (steps end at breakpoints):
+            # evaluate it at the step's start, so a stage at the step's end sees the left limit
+            start = f.segment_start  # type: ignore[attr-defined]
+            tu = start if piecewise and start is not None else t
+            if piecewise and idx is not None and tu.dim() > 0 and tu.shape[0] != y.shape[0]:
+                tu = tu.index_select(0, idx)
+            out = rhs(t, y, pp, flat_inputs(tu, idx))
         else:
             out = rhs(t, y, pp)
         if not checked[0]:
@@ -222,6 +229,9 @@ def solve(
         if out.shape != y.shape:
             out = out.expand(y.shape)
         return out
+
+    f.segment_start = None  # type: ignore[attr-defined]
+    f.piecewise = piecewise  # type: ignore[attr-defined]
 
     if adjoint:
         ys, status, steps, rejected, reached = _adjoint(

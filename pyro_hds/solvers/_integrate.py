@@ -107,11 +107,13 @@ def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, subste
     dead = torch.zeros(b, dtype=torch.bool, device=y0.device)
     any_dead = False
     num_points = sched.points.shape[1]
+    died_at = torch.full((b,), num_points, dtype=torch.long, device=y0.device)
     hist: list[torch.Tensor] = []
     for p in range(num_points):
         target = points[..., p]
         h = (target - t) / substeps
         for _ in range(substeps):
+            f.segment_start = t  # type: ignore[attr-defined]
             if not any_dead:
                 y_new = step(f, t, y, h)
                 bad = ~torch.isfinite(y_new).all(-1)
@@ -127,15 +129,19 @@ def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, subste
                     bad = ~torch.isfinite(y_new).all(-1) & ~dead
             y = y_new
             t = t + h
+        if any_dead:
+            died_at = torch.where(dead & (died_at == num_points), p, died_at)
         t = target  # exact arrival
         hist.append(y)
         if sched.has_jumps:
             y = sched.apply_jumps(y, ~dead, torch.full((b,), p, device=y.device))
-    ys = _gather_outputs(hist, sched.obs_index.expand(b, -1))
+    obs_index = sched.obs_index.expand(b, -1)
+    ys = _gather_outputs(hist, obs_index)
     status = torch.where(dead, int(Status.NONFINITE), int(Status.SUCCESS)).long()
     steps = torch.full((b,), num_points * substeps, dtype=torch.long, device=y0.device)
     # a dead element's outputs hold its frozen (detached) last finite state
-    return ys, status, steps, torch.zeros_like(steps), None
+    reached = obs_index < died_at[:, None]
+    return ys, status, steps, torch.zeros_like(steps), reached
 
 
 def _subset_step(step, f: F, t, y, h, keep: torch.Tensor) -> torch.Tensor:
@@ -198,6 +204,7 @@ def integrate_dopri5(
     point_iter = torch.full((b, num_points), -1, dtype=torch.long, device=dev)
     hist: list[torch.Tensor] = []
 
+    f.segment_start = t  # type: ignore[attr-defined]
     k1 = f(t, y)
     if first_step is None:
         scale = atol + rtol * y.detach().abs()
@@ -214,11 +221,13 @@ def integrate_dopri5(
 
     def arrivals(y, p, active, k1):
         jumped = False
+        arrivals_seen = False
         while True:
             tt = points.gather(1, p.clamp(max=num_points - 1)[:, None]).squeeze(1)
             arrived = active & (t >= tt)
             if not bool(arrived.any()):
                 break
+            arrivals_seen = True
             hist.append(y)
             which = arrived.nonzero().flatten()
             point_iter[which, p[which]] = len(hist) - 1
@@ -227,7 +236,8 @@ def integrate_dopri5(
                 jumped = True
             p = p + arrived.long()
             active = active & (p < num_points)
-        if jumped:
+        if jumped or (arrivals_seen and getattr(f, "piecewise", False)):
+            f.segment_start = t  # type: ignore[attr-defined]
             k1 = f(t, y)
         return y, p, active, k1
 
@@ -238,6 +248,7 @@ def integrate_dopri5(
         tt = points.gather(1, p.clamp(max=num_points - 1)[:, None]).squeeze(1)
         room = tt - t
         h_eff = torch.where(active, torch.minimum(h, room), torch.zeros_like(h))
+        f.segment_start = t  # type: ignore[attr-defined]
         y5, err, k7 = _dopri_stages(f, t, y, h_eff, k1)
         finite = (
             torch.isfinite(y5).all(-1) & torch.isfinite(err).all(-1) & torch.isfinite(k7).all(-1)

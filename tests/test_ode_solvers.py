@@ -1,0 +1,298 @@
+"""Solvers and ode() against exact solutions, convergence orders and gradient checks (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_hds
+from pyro_hds.data import Doses
+from pyro_hds.models import pk_oral
+from pyro_hds.ode import solve
+from pyro_hds.solvers import RK4, Dopri5, Euler, Heun, PiecewiseConstant, Status, get_solver
+
+
+def decay(t, y, p):
+    return -p["k"].unsqueeze(-1) * y
+
+
+def logistic(t, y, p):
+    return p["r"].unsqueeze(-1) * y * (1 - y / p["K"].unsqueeze(-1))
+
+
+def oscillator(t, y, p):
+    w = p["w"]
+    return torch.stack([y[..., 1], -(w**2) * y[..., 0]], -1)
+
+
+def logistic_exact(t, y0, r, K):
+    return K / (1 + (K / y0 - 1) * torch.exp(-r * t))
+
+
+TS = torch.linspace(0.0, 3.0, 7)
+
+
+@pytest.mark.parametrize(
+    "solver, tol",
+    [
+        (Euler(substeps=2000), 2e-3),
+        (Heun(substeps=200), 1e-5),
+        (RK4(substeps=50), 1e-8),
+        (Dopri5(rtol=1e-9, atol=1e-12), 1e-8),
+    ],
+    ids=["euler", "heun", "rk4", "dopri5"],
+)
+def test_exact_solutions(solver, tol):
+    # error bounds: Euler O(h) with h = 1.5e-3, Heun O(h^2) with h = 2.5e-3, RK4 O(h^4) with
+    # h = 1e-2, Dopri5 a small multiple of its tolerance (all with O(1) constants here)
+    k = torch.tensor([0.3, 1.0, 2.0])
+    sol = solve(decay, torch.ones(1), TS, {"k": k}, solver=solver)
+    torch.testing.assert_close(sol.ys[..., 0], torch.exp(-k[:, None] * TS), atol=tol, rtol=0)
+    r, K = torch.tensor([1.0, 2.5]), torch.tensor([1.0, 3.0])
+    sol = solve(logistic, torch.full((1,), 0.1), TS, {"r": r, "K": K}, solver=solver)
+    exact = logistic_exact(TS, 0.1, r[:, None], K[:, None])
+    torch.testing.assert_close(sol.ys[..., 0], exact, atol=tol * 3, rtol=0)
+    w = torch.tensor([1.0, 2.0])
+    sol = solve(oscillator, torch.tensor([1.0, 0.0]), TS, {"w": w}, solver=solver)
+    torch.testing.assert_close(sol.ys[..., 0], torch.cos(w[:, None] * TS), atol=tol * 5, rtol=0)
+    assert torch.all(sol.status == Status.SUCCESS)
+
+
+@pytest.mark.parametrize(
+    "solver", [RK4(substeps=200), Dopri5(rtol=1e-10, atol=1e-12)], ids=["rk4", "dopri5"]
+)
+def test_pk_with_repeated_doses_matches_closed_form(solver):
+    data, truth = pk_oral.simulate(per_group=3, seed=1)
+    params = {"ka": truth["ka"], "cl": truth["cl"], "v": truth["v"]}
+    sol = solve(
+        pk_oral.rhs, torch.zeros(2), data.times, params, solver=solver, t0=0.0, doses=data.doses
+    )
+    conc = sol.ys[..., 1] / truth["v"][:, None]
+    exact = pk_oral.concentration(
+        data.times,
+        truth["ka"][:, None],
+        truth["cl"][:, None],
+        truth["v"][:, None],
+        pk_oral.DOSE_TIMES,
+        [pk_oral.DOSE_AMOUNT] * 2,
+    )
+    torch.testing.assert_close(conc, exact, atol=1e-6, rtol=0)
+    # an observation at a dose time is the pre-dose value: gut amount just before t = 12
+    t = torch.tensor([12.0, 12.5])
+    sol = solve(pk_oral.rhs, torch.zeros(2), t, params, solver=solver, t0=0.0, doses=data.doses)
+    gut_before = pk_oral.DOSE_AMOUNT * torch.exp(-truth["ka"] * 12.0)
+    torch.testing.assert_close(sol.ys[:, 0, 0], gut_before, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method, order", [("euler", 1), ("heun", 2), ("rk4", 4)])
+def test_convergence_order(method, order):
+    # global error at t = 2 of the harmonic oscillator (Euclidean norm of the state error, so
+    # that no single component's error crosses zero) under step halving
+    w = torch.tensor([1.7])
+    exact = torch.stack([torch.cos(2.0 * w), -w * torch.sin(2.0 * w)], -1)[0]
+    errors, hs = [], []
+    for n in (16, 32, 64, 128):
+        s = type(get_solver(method))(substeps=n)
+        sol = solve(
+            oscillator, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), {"w": w}, solver=s
+        )
+        errors.append(float((sol.ys[0, -1] - exact).norm()))
+        hs.append(2.0 / n)
+    slope = np.polyfit(np.log(hs), np.log(errors), 1)[0]
+    assert abs(slope - order) < 0.2, (slope, errors)
+
+
+@pytest.mark.parametrize("rtol", [1e-4, 1e-6, 1e-8])
+def test_dopri5_meets_its_tolerance(rtol):
+    # global error of an adaptive method is a modest multiple of its local tolerance
+    w = torch.tensor([0.5, 1.0, 3.0])
+    sol = solve(
+        oscillator,
+        torch.tensor([1.0, 0.0]),
+        TS,
+        {"w": w},
+        solver=Dopri5(rtol=rtol, atol=rtol * 1e-2),
+    )
+    err = (sol.ys[..., 0] - torch.cos(w[:, None] * TS)).abs().max()
+    assert err < 50 * rtol
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4", Dopri5(rtol=1e-7, atol=1e-9)])
+def test_gradcheck(solver):
+    ts = torch.tensor([0.0, 0.4, 1.0])
+
+    def f(k, y0):
+        return solve(logistic, y0, ts, {"r": k, "K": torch.tensor(2.0)}, solver=solver).ys
+
+    k = torch.tensor([0.7, 1.4], requires_grad=True)
+    y0 = torch.tensor([0.3], requires_grad=True)
+    if isinstance(solver, Dopri5):
+        # step-size selection is piecewise constant in the parameters; differentiate through
+        # the accepted steps at fixed step sizes: check against finite differences of a solve
+        # with tight tolerance instead of the discrete derivative
+        y = f(k, y0)
+        (g,) = torch.autograd.grad(y.sum(), k)
+        eps = 1e-6
+        fd = []
+        for i in range(2):
+            dk = torch.zeros(2)
+            dk[i] = eps
+            fd.append(float((f(k + dk, y0).sum() - f(k - dk, y0).sum()) / (2 * eps)))
+        torch.testing.assert_close(g, torch.tensor(fd), atol=1e-5, rtol=1e-4)
+    else:
+        assert torch.autograd.gradcheck(f, (k, y0))
+
+
+@pytest.mark.parametrize("solver", [RK4(substeps=40), Dopri5(rtol=1e-8, atol=1e-10)])
+def test_adjoint_agrees_with_backprop(solver):
+    w = torch.tensor([0.8, 1.5], requires_grad=True)
+    y0 = torch.tensor([1.0, 0.2], requires_grad=True)
+    ts = torch.linspace(0.5, 3.0, 6)
+    grads = []
+    for adjoint in (False, True):
+        ys = solve(oscillator, y0, ts, {"w": w}, solver=solver, t0=0.0, adjoint=adjoint).ys
+        grads.append(torch.autograd.grad((ys**2).sum(), (w, y0)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="shared time grid"):
+        solve(oscillator, y0, ts.expand(2, 6), {"w": w}, adjoint=True)
+
+
+def test_per_individual_step_control():
+    # one element 100x stiffer than the other: the slow one takes exactly the steps it takes
+    # alone (torchdiffeq's shared norm would make it follow the fast one)
+    solver = Dopri5(rtol=1e-6, atol=1e-9)
+    ts = torch.linspace(0.0, 5.0, 4)
+    both = solve(decay, torch.ones(1), ts, {"k": torch.tensor([0.5, 50.0])}, solver=solver)
+    alone = solve(decay, torch.ones(1), ts, {"k": torch.tensor([0.5])}, solver=solver)
+    assert int(both.num_steps[0]) == int(alone.num_steps[0])
+    assert int(both.num_steps[1]) > 2 * int(both.num_steps[0])
+    torch.testing.assert_close(both.ys[0], alone.ys[0], rtol=0, atol=0)
+
+
+def test_shapes_particles_by_individuals_and_ragged_grids():
+    k_particles = torch.rand(5, 1) + 0.5  # (K, 1) global per particle
+    scale = torch.rand(3) + 0.5  # (N,) per individual
+    times = torch.tensor([[0.0, 1.0, 2.0, 2.0], [0.0, 0.5, 1.0, 3.0], [0.0, 2.0, 2.0, 2.0]])
+    for solver in (RK4(substeps=20), Dopri5()):
+        sol = solve(decay, torch.ones(1), times, {"k": k_particles * scale}, solver=solver)
+        assert sol.ys.shape == (5, 3, 4, 1)
+        assert sol.status.shape == (5, 3)
+        exact = torch.exp(-(k_particles * scale)[..., None] * times)
+        tol = 1e-5
+        torch.testing.assert_close(sol.ys[..., 0], exact, atol=tol, rtol=0)
+    # vector-valued params with event dims
+    z = torch.rand(5, 3, 2)
+
+    def rhs(t, y, p):
+        return -(p["z"].sum(-1, keepdim=True)) * y
+
+    sol = solve(rhs, torch.ones(1), times, {"z": z}, event_dims={"z": 1}, solver="rk4")
+    assert sol.ys.shape == (5, 3, 4, 1)
+
+
+def test_piecewise_constant_input_and_callable_input():
+    # dy/dt = u(t): u = 1 on [0, 1), 3 on [1, 2), 0 after -> y(t) exactly piecewise linear
+    inputs = PiecewiseConstant(torch.tensor([1.0, 2.0]), torch.tensor([[1.0], [3.0], [0.0]]))
+    ts = torch.tensor([0.5, 1.0, 1.5, 2.5])
+
+    def rhs(t, y, p, u):
+        return u.expand(y.shape)
+
+    for solver in ("euler", "dopri5"):
+        sol = solve(rhs, torch.zeros(1), ts, solver=solver, t0=0.0, inputs=inputs)
+        torch.testing.assert_close(sol.ys[..., 0], torch.tensor([0.5, 1.0, 2.5, 4.0]))
+    sol = solve(
+        rhs,
+        torch.zeros(1),
+        ts,
+        solver=Dopri5(rtol=1e-9, atol=1e-12),
+        t0=0.0,
+        inputs=lambda t: torch.cos(t).unsqueeze(-1),
+    )
+    torch.testing.assert_close(sol.ys[..., 0], torch.sin(ts), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("solver", [RK4(substeps=50), Dopri5()], ids=["rk4", "dopri5"])
+def test_failure_is_isolated_in_values_and_gradients(solver):
+    # dy/dt = a y^2 blows up at t = 1 / (a y0) for a > 0: element 1 (a = 2) fails before t = 1
+    shared = torch.tensor(0.3, requires_grad=True)
+    a = torch.tensor([0.2, 2.0, -0.5])
+
+    def rhs(t, y, p):
+        return p["a"].unsqueeze(-1) * y**2 + shared * 0.0 * y + shared * y * 0.1
+
+    ts = torch.linspace(0.0, 1.0, 5)
+    sol = solve(rhs, torch.ones(1), ts, {"a": a}, solver=solver)
+    # RK4 overflows past the singularity; Dopri5's steps shrink toward it until they underflow
+    assert sol.status.tolist()[1] in (Status.NONFINITE, Status.STEP_TOO_SMALL)
+    assert sol.status.tolist()[0] == Status.SUCCESS and sol.status.tolist()[2] == Status.SUCCESS
+    assert torch.isfinite(sol.ys).all()
+    assert torch.isnan(sol.ys_or_nan[1, -1]).all() and torch.isfinite(sol.ys_or_nan[0]).all()
+    loss = sol.ys[[0, 2]].sum()
+    (g,) = torch.autograd.grad(loss, shared)
+    ok = solve(rhs, torch.ones(1), ts, {"a": a[[0, 2]]}, solver=solver)
+    (g_ref,) = torch.autograd.grad(ok.ys.sum(), shared)
+    assert torch.isfinite(g)
+    torch.testing.assert_close(g, g_ref)
+    torch.testing.assert_close(sol.ys[[0, 2]], ok.ys)
+
+
+def test_dopri5_max_steps_is_per_element():
+    ts = torch.tensor([0.0, 10.0])
+    sol = solve(
+        decay, torch.ones(1), ts, {"k": torch.tensor([0.1, 1000.0])}, solver=Dopri5(max_steps=40)
+    )
+    assert sol.status.tolist() == [Status.SUCCESS, Status.MAX_STEPS]
+    assert "max_steps" in " ".join(sol.messages())
+
+
+def test_validation_messages():
+    with pytest.raises(ValueError, match="unknown solver 'rk5'"):
+        solve(decay, torch.ones(1), TS, {"k": torch.ones(2)}, solver="rk5")
+    with pytest.raises(ValueError, match=r"RK4\(substeps=0\)"):
+        RK4(substeps=0)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        solve(decay, torch.ones(3, 1), TS, {"k": torch.ones(2)}, name="x")
+    with pytest.raises(ValueError, match=r"not sorted for element \(1,\): 0.5 after 2.0"):
+        solve(
+            decay,
+            torch.ones(1),
+            torch.tensor([[0.0, 1.0, 2.0], [0.0, 2.0, 0.5]]),
+            {"k": torch.ones(2)},
+        )
+    with pytest.raises(ValueError, match="floating-point"):
+        solve(decay, torch.ones(1, dtype=torch.long), TS, {"k": torch.ones(2)})
+    with pytest.raises(ValueError, match="rhs returned"):
+        solve(lambda t, y, p: y[..., :0], torch.ones(2), TS)
+    with pytest.raises(ValueError, match="before t0"):
+        solve(decay, torch.ones(1), TS, {"k": torch.ones(1)}, t0=1.0)
+    doses = Doses(torch.tensor([[0.5]]), torch.tensor([[1.0]]), torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="dose at t = 0.5 before t0 = 1.0"):
+        solve(decay, torch.ones(1), TS + 1, {"k": torch.ones(1)}, t0=1.0, doses=doses)
+
+
+def test_site_is_visible_to_trace_and_predictive():
+    ts = torch.linspace(0, 1, 4)
+
+    def model():
+        k = pyro.sample("k", dist.LogNormal(0.0, 0.3).expand([3]).to_event(1))
+        x = pyro_hds.ode("x", decay, torch.ones(1), ts, {"k": k}, solver="rk4")
+        pyro.sample("y", dist.Normal(x, 0.1).to_event(3))
+        return x
+
+    tr = pyro.poutine.trace(model).get_trace()
+    site = tr.nodes["x"]
+    assert site["infer"]["ode_status"].shape == (3,)
+    assert site["value"].shape == (3, 4, 1)
+    pred = pyro.infer.Predictive(model, num_samples=6, return_sites=["x", "k"])()
+    assert pred["x"].shape == (6, 3, 4, 1)
+    torch.testing.assert_close(
+        pred["x"][..., 0], torch.exp(-pred["k"][..., None] * ts), atol=1e-3, rtol=0
+    )
+    assert not math.isnan(float(pred["x"].sum()))
