@@ -45,8 +45,9 @@ __all__ = sorted(_EXPORTS)
 
 # the functions `ode` and `fit` share their names with their modules: bind them eagerly, so that
 # importing the submodule never shadows the function on the package
-from pyro_hds.fit import fit  # noqa: E402
-from pyro_hds.ode import ode, solve  # noqa: E402
+from pyro_hds.fit import fit as fit  # noqa: E402
+from pyro_hds.ode import ode as ode  # noqa: E402
+from pyro_hds.ode import solve as solve  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:
