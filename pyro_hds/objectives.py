@@ -88,6 +88,7 @@ class LogWeights:
     scale: float
     model_trace: Any = None
     guide_trace: Any = None
+    nonfinite_global_sites: tuple[str, ...] = ()
 
     @property
     def inner(self) -> torch.Tensor:
@@ -329,7 +330,12 @@ class IWAE(ELBO):
             global_terms = torch.where(
                 failed_global, global_terms.new_full((), -math.inf), global_terms
             )
-        return LogWeights(local, global_terms, scale, model_trace, guide_trace)
+        bad_globals = tuple(
+            f"{kind} site {name!r}"
+            for kind, name, term in contributions
+            if term.dim() == 1 and not bool(torch.isfinite(term).all())
+        )
+        return LogWeights(local, global_terms, scale, model_trace, guide_trace, bad_globals)
 
     @staticmethod
     def _explain(contributions, bad: torch.Tensor, args) -> str:
@@ -375,9 +381,12 @@ class IWAE(ELBO):
             self._register_dreg_hooks(weights)
         bound = weights.bound
         if not torch.isfinite(bound):
+            where = ", ".join(weights.nonfinite_global_sites) or "no site (an ODE outside "
+            where += "" if weights.nonfinite_global_sites else "the individuals plate failed)"
             raise NonFiniteLossError(
-                "IWAE: the bound is not finite (a global site has a non-finite log-density or "
-                "an ODE outside the individuals plate failed for every outer particle)."
+                f"IWAE: the bound is not finite; non-finite log-densities outside the "
+                f"individuals plate at: {where}. Check these sites' priors, supports and "
+                "observed values."
             )
         return -bound
 

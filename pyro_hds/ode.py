@@ -185,6 +185,7 @@ def solve(
         def flat_inputs(t: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
             full_t = t if t.dim() == 0 else t.reshape(batch) if idx is None else None
             if full_t is None:  # a subset: evaluate for all, then select
+                assert idx is not None
                 tt = torch.zeros(b, dtype=t.dtype, device=t.device).index_copy(0, idx, t)
                 u = user_u(tt.reshape(batch))
                 return u.expand(*batch, u.shape[-1]).reshape(b, -1).index_select(0, idx)
@@ -335,5 +336,9 @@ def ode(
         name,
         dist.Delta(ys, event_dim=2).mask(False),
         obs=ys,
-        infer={"_deterministic": True, "ode_status": solution.status, "ode_solution": solution},
+        infer={  # type: ignore[arg-type]
+            "_deterministic": True,
+            "ode_status": solution.status,
+            "ode_solution": solution,
+        },
     )

@@ -34,7 +34,7 @@ F = Callable[..., torch.Tensor]
 
 # Dormand-Prince 5(4) tableau
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = (
+_A: tuple[tuple[float, ...], ...] = (
     (),
     (1 / 5,),
     (3 / 40, 9 / 40),

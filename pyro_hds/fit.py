@@ -1,0 +1,352 @@
+"""Training: :func:`fit` runs stochastic variational inference over minibatches of individuals.
+
+The loop is plain PyTorch over the parameters that the model and guide register in Pyro's
+parameter store: Adam with a learning-rate schedule, gradient-norm clipping, minibatches of
+individuals drawn without replacement each epoch, an optional validation set whose held-out
+bound is logged, a tqdm progress bar, optional TensorBoard scalars, and checkpoints written
+atomically (temporary file, then ``os.replace``) from which a fit resumes exactly.
+
+Checkpoints hold tensors, numbers and strings only and are read with
+``torch.load(weights_only=True)``: loading a checkpoint never executes pickled code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from pyro_hds.objectives import IWAE, NonFiniteLossError
+
+__all__ = ["NonFiniteLossError", "fit"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _param_state() -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {name: store._params[name].detach().clone() for name in store.keys()}
+
+
+def _load_param_state(params: dict[str, torch.Tensor]) -> None:
+    store = pyro.get_param_store()
+    missing = [name for name in params if name not in store.keys()]
+    if missing:
+        raise ValueError(
+            f"checkpoint holds parameters {missing} that this model and guide do not create; "
+            "resume with the same model, guide and options that wrote the checkpoint."
+        )
+    with torch.no_grad():
+        for name, value in params.items():
+            target = store._params[name]
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"checkpoint parameter {name!r} has shape {tuple(value.shape)}, this guide's "
+                    f"has {tuple(target.shape)}; resume with the same guide options."
+                )
+            target.copy_(value.to(target))
+
+
+def _lr_factor(schedule: str, step: int, num_steps: int, final: float, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    frac = min(1.0, step / max(1, num_steps - 1))
+    if schedule == "exponential":
+        return final**frac
+    if schedule == "cosine":
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * frac))
+    raise ValueError(
+        f"fit(lr_schedule={schedule!r}): choose 'constant', 'exponential' or 'cosine'."
+    )
+
+
+def fit(
+    model: Callable,
+    data: Any,
+    *,
+    guide: Any = None,
+    objective: Any = None,
+    num_steps: int = 1000,
+    batch_size: int | None = None,
+    lr: float = 1e-2,
+    lr_schedule: str = "exponential",
+    final_lr_fraction: float = 0.1,
+    warmup_steps: int = 0,
+    clip_norm: float | None = 10.0,
+    validation: Any = None,
+    validate_every: int = 100,
+    validation_particles: int = 100,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    resume: str | os.PathLike | bool | None = None,
+    seed: int | None = 0,
+    progress: bool = True,
+    tensorboard: str | os.PathLike | None = None,
+    callback: Callable[[int, float], None] | None = None,
+):
+    """Fit ``guide`` to ``model`` on ``data`` and return a :class:`~pyro_hds.FitResult`.
+
+    :param model: ``model(data)``, a Pyro model over a :class:`~pyro_hds.Dataset` minibatch.
+    :param data: the training :class:`~pyro_hds.Dataset` (N individuals). Any other object
+        (e.g. a dict of tensors for a model without an individuals plate) is passed to the
+        model whole at every step.
+    :param guide: defaults to ``AmortizedGuide(model)``.
+    :param objective: defaults to ``IWAE(num_particles=10)``; any Pyro ELBO works too
+        (``Trace_ELBO(vectorize_particles=True, num_particles=..., max_plate_nesting=1)``).
+    :param num_steps: optimisation steps (one minibatch each).
+    :param batch_size: individuals per step, ``B``; all of them if None. Each epoch visits every
+        individual once, in a random order; the individuals plate scales the minibatch by N/B.
+    :param lr: Adam's learning rate; ``lr_schedule`` (``exponential``, ``cosine`` or
+        ``constant``) decays it to ``final_lr_fraction * lr`` at the last step, after
+        ``warmup_steps`` of linear warm-up.
+    :param clip_norm: clip the global gradient norm (None: no clipping).
+    :param validation: a held-out :class:`~pyro_hds.Dataset`; every ``validate_every`` steps its
+        per-individual importance-weighted bound with ``validation_particles`` is logged.
+    :param checkpoint: a file written atomically every ``checkpoint_every`` steps and at the end.
+    :param resume: a checkpoint to continue from (``True``: the ``checkpoint`` file, if present).
+        Continuing reproduces the uninterrupted fit on CPU.
+    :param seed: seeds Pyro's and torch's generators (None: leave them alone).
+    :param progress: show a tqdm progress bar.
+    :param tensorboard: a log directory for TensorBoard scalars (needs ``tensorboard``).
+    :param callback: ``callback(step, loss)`` after every step.
+
+    :raises NonFiniteLossError: when the objective or a gradient is not finite; the message
+        names the sites, individuals or parameters.
+    """
+    from pyro_hds.results import FitResult
+
+    if num_steps < 0 or int(num_steps) != num_steps:
+        raise ValueError(f"fit(num_steps={num_steps!r}): must be a non-negative int")
+    minibatching = _is_dataset(data)
+    if minibatching:
+        n = len(data)
+        if n == 0:
+            raise ValueError("fit(): the data set has no individuals")
+    elif batch_size is not None:
+        raise ValueError(
+            "fit(batch_size=...): minibatches need a pyro_hds.Dataset; other data are passed "
+            "to the model whole at every step"
+        )
+    else:
+        n = 1
+    batch = n if batch_size is None else int(batch_size)
+    if not 1 <= batch <= n:
+        raise ValueError(f"fit(batch_size={batch_size!r}): must be between 1 and N = {n}")
+    if validate_every < 1 or checkpoint_every < 1:
+        raise ValueError("fit(): validate_every and checkpoint_every must be >= 1")
+    if not 0 < final_lr_fraction <= 1:
+        raise ValueError(f"fit(final_lr_fraction={final_lr_fraction}): must be in (0, 1]")
+    _lr_factor(lr_schedule, 0, max(num_steps, 1), final_lr_fraction, 0)  # validates the name
+
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    if guide is None:
+        from pyro_hds.guides import AmortizedGuide
+
+        guide = AmortizedGuide(model)
+    if objective is None:
+        objective = IWAE(num_particles=10)
+    if not hasattr(objective, "differentiable_loss"):
+        raise TypeError("fit(objective=...): expected a Pyro ELBO or pyro_hds.IWAE")
+
+    perm_gen = torch.Generator()
+    perm_gen.manual_seed(0 if seed is None else seed)
+
+    # create every parameter (model and guide) with one pass on a minibatch
+    first = data[torch.arange(batch)] if minibatching else data
+    objective.differentiable_loss(model, guide, first)
+    store = pyro.get_param_store()
+    names, params, seen = [], [], set()
+    for name in store.keys():  # one entry per tensor (modules may be registered twice)
+        p = store._params[name]
+        if id(p) not in seen:
+            seen.add(id(p))
+            names.append(name)
+            params.append(p)
+    if not params:
+        raise ValueError("fit(): the model and guide have no parameters to optimise")
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: _lr_factor(lr_schedule, step, num_steps, final_lr_fraction, warmup_steps),
+    )
+
+    history: dict[str, list] = {"step": [], "loss": [], "val_step": [], "val_bound": []}
+    start = 0
+    order = torch.randperm(n, generator=perm_gen)
+    cursor = 0
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if resume is True:
+        resume = ckpt_path if ckpt_path is not None and ckpt_path.exists() else None
+    if resume:
+        state = torch.load(Path(resume), map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{resume}: not a pyro_hds checkpoint (format {state.get('format')})")
+        if state["names"] != names:
+            raise ValueError(
+                f"{resume}: the checkpoint's parameters {state['names']} differ from this "
+                f"model and guide's {names}; resume with the same model, guide and options."
+            )
+        _load_param_state(state["params"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        perm_gen.set_state(state["perm_rng"])
+        order, cursor, start = state["order"], int(state["cursor"]), int(state["step"])
+        history = {k: list(v) for k, v in state["history"].items()}
+
+    writer = None
+    if tensorboard is not None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "fit(tensorboard=...) needs the tensorboard package: pip install tensorboard"
+            ) from err
+        writer = SummaryWriter(str(tensorboard))
+
+    def save_checkpoint(step: int) -> None:
+        if ckpt_path is None:
+            return
+        _atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "names": names,
+                "params": _param_state(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "perm_rng": perm_gen.get_state(),
+                "order": order,
+                "cursor": cursor,
+                "history": history,
+            },
+            ckpt_path,
+        )
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=start, desc="fit", dynamic_ncols=True)
+    loss_value = math.nan
+    try:
+        for step in range(start, num_steps):
+            if cursor + batch > n:
+                order = torch.randperm(n, generator=perm_gen)
+                cursor = 0
+            idx = order[cursor : cursor + batch]
+            cursor += batch
+            minibatch = data[idx] if minibatching else data
+            optimizer.zero_grad(set_to_none=True)
+            loss = objective.differentiable_loss(model, guide, minibatch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"fit(): the loss is {float(loss)} at step {step}; "
+                    + _explain_nonfinite_elbo(model, guide, minibatch)
+                )
+            loss.backward()
+            bad = [
+                nm
+                for nm, p in zip(names, params)
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ]
+            if bad:
+                raise NonFiniteLossError(
+                    f"fit(): non-finite gradients at step {step} for parameters {bad}. If the "
+                    "model computes its likelihood from an ODE trajectory by hand, use "
+                    "pyro_hds.observe(), which keeps failed solutions out of the gradients."
+                )
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            optimizer.step()
+            scheduler.step()
+            loss_value = float(loss.detach())
+            history["step"].append(step)
+            history["loss"].append(loss_value)
+            if writer is not None:
+                writer.add_scalar("loss", loss_value, step)
+                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+            due = (step + 1) % validate_every == 0 or step + 1 == num_steps
+            if validation is not None and due:
+                bound = _validation_bound(model, guide, validation, validation_particles)
+                history["val_step"].append(step + 1)
+                history["val_bound"].append(bound)
+                if writer is not None:
+                    writer.add_scalar("validation_bound_per_individual", bound, step)
+            if callback is not None:
+                callback(step, loss_value)
+            if bar is not None:
+                post = {"loss": f"{loss_value:.4g}"}
+                if history["val_bound"]:
+                    post["val"] = f"{history['val_bound'][-1]:.4g}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if (step + 1) % checkpoint_every == 0:
+                save_checkpoint(step + 1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    save_checkpoint(max(num_steps, start))
+    return FitResult(model=model, guide=guide, data=data, objective=objective, history=history)
+
+
+def _is_dataset(data: Any) -> bool:
+    from pyro_hds.data import Dataset
+
+    return isinstance(data, Dataset)
+
+
+def _validation_bound(model, guide, data, num_particles: int) -> float:
+    """Mean over individuals of the importance-weighted bound (globals from one guide draw)."""
+    objective = IWAE(num_particles=num_particles)
+    with torch.no_grad():
+        weights = objective.log_weights(model, guide, data)
+    return float(weights.inner.mean())
+
+
+def _explain_nonfinite_elbo(model, guide, data) -> str:
+    """Name the sites of one trace whose log-density is not finite (for non-IWAE objectives)."""
+    import pyro.poutine as poutine
+
+    guide_trace = poutine.trace(guide).get_trace(data)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(data)
+    bad = []
+    for kind, trace in (("guide", guide_trace), ("model", model_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site["infer"].get("_deterministic"):
+                continue
+            lp = site["fn"].log_prob(site["value"])
+            if not torch.isfinite(lp).all():
+                bad.append(f"{kind} site {name!r}")
+    if not bad:
+        return "no site's log-density was non-finite on a fresh trace (an unlucky draw?)."
+    return "non-finite log-densities at " + ", ".join(bad) + "."

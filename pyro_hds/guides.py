@@ -1,0 +1,335 @@
+r"""The amortized guide for hierarchical models.
+
+:class:`AmortizedGuide` traces the model once and sorts its latent sites by plate:
+
+* global sites (no plate): :math:`q(\theta) = \mathcal N(\mu, \operatorname{diag}\sigma^2)` in
+  the unconstrained space of each site, mapped to its support by ``biject_to``;
+* group sites (``pyro.plate("groups", G)``): one mean-field Gaussian per group; when the data
+  describe groups by features :math:`f_g` (e.g. the components a device is built from), the
+  mean is :math:`\mu_g + W f_g` with a bias-free :math:`W`, so a group never seen in training
+  but built from known components gets :math:`W f_g`;
+* local sites (``pyro.plate("individuals", N)``): an encoder network reads each individual's
+  series and the guide's heads map :math:`x_i = [\mathrm{enc}(y_i), \tilde u_i, g_i]` (encoder
+  features, inputs :math:`\tilde u = \operatorname{sign}(u) \log(1 + |u|)`, and the group's
+  one-hot code or features) to :math:`q(z_i \mid y_i) = \mathcal N(A x_i + a,
+  \operatorname{diag} \operatorname{softplus}(B x_i + b)^2)` in unconstrained space.
+
+The log-density of every sampled value is the exact density of the constrained value (the
+Gaussian density plus the log-Jacobian of the bijection), as the importance weights of
+:class:`~pyro_hds.IWAE` require.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from torch import nn
+from torch.distributions import biject_to, constraints
+
+from pyro_hds.encoders import ConvEncoder, Encoder, MaskedEncoder, make_encoder
+from pyro_hds.plates import GROUPS, INDIVIDUALS, groups, individuals
+
+__all__ = ["AmortizedGuide"]
+
+
+_DEFAULT_INIT = init_to_median(num_samples=15)
+
+
+def _inv_softplus(x: float) -> float:
+    return math.log(math.expm1(x))
+
+
+def _transform_inputs(u: torch.Tensor) -> torch.Tensor:
+    return torch.sign(u) * torch.log1p(u.abs())
+
+
+class AmortizedGuide(AutoGuide):
+    """An ``AutoGuide`` with mean-field globals and group latents and amortized locals.
+
+    :param model: the Pyro model, ``model(data)``.
+    :param encoder: an :class:`~pyro_hds.Encoder`; by default a :class:`ConvEncoder` for data
+        on a shared grid without missing values, else a :class:`MaskedEncoder`.
+    :param init_scale: initial posterior standard deviation (unconstrained space).
+    :param use_group_features: feed ``data.group_features`` (when present) to the local heads
+        and the group means instead of one-hot group codes.
+    :param init_loc_fn: initial locations, as in Pyro's autoguides.
+    """
+
+    def __init__(
+        self,
+        model,
+        encoder: Encoder | None = None,
+        *,
+        init_scale: float = 0.1,
+        use_group_features: bool = True,
+        init_loc_fn=_DEFAULT_INIT,
+        name: str = "AmortizedGuide",
+    ) -> None:
+        if not init_scale > 0:
+            raise ValueError(f"AmortizedGuide(init_scale={init_scale}): must be positive")
+        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=None)
+        self.init_loc_fn = init_loc_fn
+        self.init_scale = float(init_scale)
+        self.use_group_features = bool(use_group_features)
+        self._given_encoder = [encoder]  # a list: not registered as a submodule
+        self._prefix = name
+        self.levels: dict[str, str] = {}
+        self._shapes: dict[str, torch.Size] = {}
+        self._supports: dict[str, Any] = {}
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        data = args[0] if args else None
+        prefix = self._prefix
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            if site["infer"].get("_deterministic"):
+                continue
+            plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
+            unknown = [p for p in plates if p not in (INDIVIDUALS, GROUPS)]
+            if unknown or len(plates) > 1:
+                raise ValueError(
+                    f"AmortizedGuide: latent site {name!r} is in plate(s) {plates}; sites must "
+                    f"be global (no plate), in plate {GROUPS!r} or in plate {INDIVIDUALS!r}"
+                )
+            level = "global"
+            if plates:
+                level = "local" if plates[0] == INDIVIDUALS else "group"
+            support = site["fn"].support
+            transform = biject_to(support)
+            value = site["value"].detach()
+            u = transform.inv(value)
+            batch_ndim = 1 if level != "global" else 0
+            if level != "global" and (u.dim() < 1 or site["fn"].batch_shape[-1:] != u.shape[:1]):
+                raise ValueError(
+                    f"AmortizedGuide: site {name!r} in plate {plates[0]!r} must have its plate "
+                    f"at dim -1; its batch shape is {tuple(site['fn'].batch_shape)}"
+                )
+            self.levels[name] = level
+            self._supports[name] = support
+            self._shapes[name] = u.shape[batch_ndim:]
+            if level == "global":
+                pyro.param(f"{prefix}.{name}.loc", u.clone())
+                pyro.param(
+                    f"{prefix}.{name}.scale",
+                    torch.full_like(u, self.init_scale),
+                    constraint=constraints.positive,
+                )
+            elif level == "group":
+                pyro.param(f"{prefix}.{name}.loc", u.clone())
+                pyro.param(
+                    f"{prefix}.{name}.scale",
+                    torch.full_like(u, self.init_scale),
+                    constraint=constraints.positive,
+                )
+            else:
+                self._local_init = getattr(self, "_local_init", {})
+                self._local_init[name] = u.mean(0)
+        self._group_names = tuple(getattr(data, "group_names", ()))
+        self._build_networks(data)
+
+    def _build_networks(self, data: Any) -> None:
+        locals_ = [n for n, lv in self.levels.items() if lv == "local"]
+        groups_ = [n for n, lv in self.levels.items() if lv == "group"]
+        self._has_features = bool(
+            self.use_group_features and getattr(data, "group_features", None) is not None
+        )
+        if not locals_ and not (groups_ and self._has_features):
+            self.encoder = None
+            self.heads = None
+            self.group_maps = None
+            return
+        dtype = data.observations.dtype
+        device = data.observations.device
+        if locals_:
+            encoder = self._given_encoder[0]
+            if encoder is None:
+                regular = bool(data.shared_times) and bool(data.mask.all())
+                if regular and data.num_times >= 3:
+                    encoder = ConvEncoder(data.num_times, data.num_channels)
+                else:
+                    encoder = MaskedEncoder(data.num_channels)
+            self.encoder = encoder.to(device=device, dtype=dtype)
+            in_dim = self.encoder.out_features + data.num_inputs + self._group_dim(data)
+            heads = {}
+            for name in locals_:
+                size = max(1, math.prod(self._shapes[name]))
+                head = nn.Linear(in_dim, 2 * size).to(device=device, dtype=dtype)
+                with torch.no_grad():
+                    head.weight.mul_(0.1)
+                    head.bias[:size] = self._local_init[name].reshape(-1).to(head.bias)
+                    head.bias[size:] = _inv_softplus(self.init_scale)
+                heads[name] = head
+            self.heads = nn.ModuleDict(heads)
+        else:
+            self.encoder = None
+            self.heads = None
+        if groups_ and self._has_features:
+            f = data.group_features.shape[-1]
+            maps = {}
+            for name in groups_:
+                size = max(1, math.prod(self._shapes[name]))
+                lin = nn.Linear(f, size, bias=False).to(device=device, dtype=dtype)
+                nn.init.zeros_(lin.weight)
+                maps[name] = lin
+            self.group_maps = nn.ModuleDict(maps)
+        else:
+            self.group_maps = None
+
+    def _group_dim(self, data: Any) -> int:
+        if self._has_features:
+            return int(data.group_features.shape[-1])
+        return len(self._group_names)
+
+    def _group_codes(self, data: Any) -> torch.Tensor:
+        """``(N, G_train or F)`` group description of each individual of ``data``."""
+        if self._has_features:
+            return data.group_features[data.groups]
+        names = list(data.group_names)
+        index = {g: i for i, g in enumerate(self._group_names)}
+        missing = [g for g in names if g not in index]
+        if missing and bool(
+            torch.isin(data.groups, torch.tensor([names.index(m) for m in missing])).any()
+        ):
+            raise ValueError(
+                f"AmortizedGuide: groups {missing} were not in the training data and the data "
+                "have no group_features to describe them; predictions for unseen groups need "
+                "group features"
+            )
+        mapping = torch.tensor([index.get(g, 0) for g in names], device=data.groups.device)
+        codes = mapping[data.groups]
+        return nn.functional.one_hot(codes, len(self._group_names)).to(data.observations.dtype)
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        if self.encoder is not None:
+            pyro.module(f"{self._prefix}.encoder", self.encoder)
+        if self.heads is not None:
+            pyro.module(f"{self._prefix}.heads", self.heads)
+        if self.group_maps is not None:
+            pyro.module(f"{self._prefix}.group_maps", self.group_maps)
+
+    def _global_params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self._prefix
+        return pyro.param(f"{prefix}.{name}.loc"), pyro.param(f"{prefix}.{name}.scale")
+
+    def _group_params(self, name: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale = self._global_params(name)  # (G_train, *event)
+        names = list(getattr(data, "group_names", self._group_names))
+        if tuple(names) != self._group_names:
+            index = {g: i for i, g in enumerate(self._group_names)}
+            known = torch.tensor([g in index for g in names], device=loc.device)
+            rows = torch.tensor([index.get(g, 0) for g in names], device=loc.device)
+            shape = (-1,) + (1,) * (loc.dim() - 1)
+            loc = torch.where(known.reshape(shape), loc[rows], torch.zeros_like(loc[rows]))
+            mean_scale = scale.mean(0, keepdim=True).expand_as(scale[rows])
+            scale = torch.where(known.reshape(shape), scale[rows], mean_scale)
+        if self.group_maps is not None and name in self.group_maps:
+            shift = self.group_maps[name](data.group_features)
+            loc = loc + shift.reshape(loc.shape)
+        return loc, scale
+
+    def local_distributions(self, data: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{site: (loc, scale)}`` of the local sites in unconstrained space, ``(N, *event)``."""
+        if self.heads is None:
+            return {}
+        feats = [self.encoder(data)]  # type: ignore[misc]
+        if data.num_inputs:
+            feats.append(_transform_inputs(data.inputs))
+        if self._group_dim(data):
+            feats.append(self._group_codes(data))
+        x = torch.cat(feats, -1)
+        out = {}
+        n = x.shape[0]
+        for name, head in self.heads.items():
+            size = max(1, math.prod(self._shapes[name]))
+            h = head(x)
+            loc = h[:, :size].reshape(n, *self._shapes[name])
+            scale = nn.functional.softplus(h[:, size:]).reshape(n, *self._shapes[name]) + 1e-6
+            out[name] = (loc, scale)
+        return out
+
+    # -- the guide ----------------------------------------------------------------------------
+
+    def _distribution(self, name: str, loc: torch.Tensor, scale: torch.Tensor):
+        ndim = len(self._shapes[name])
+        base = dist.Normal(loc, scale)
+        if ndim:
+            base = base.to_event(ndim)
+        transform = biject_to(self._supports[name])
+        if transform is torch.distributions.transforms.identity_transform or (
+            isinstance(transform, torch.distributions.transforms.IndependentTransform)
+            and transform.base_transform is torch.distributions.transforms.identity_transform
+        ):
+            return base
+        return dist.TransformedDistribution(base, transform)
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        data = args[0] if args else None
+        self._register()
+        result: dict[str, torch.Tensor] = {}
+        for name, level in self.levels.items():
+            if level == "global":
+                loc, scale = self._global_params(name)
+                result[name] = pyro.sample(name, self._distribution(name, loc, scale))
+        group_sites = [n for n, lv in self.levels.items() if lv == "group"]
+        if group_sites:
+            with groups(data):  # type: ignore[arg-type]
+                for name in group_sites:
+                    loc, scale = self._group_params(name, data)
+                    result[name] = pyro.sample(name, self._distribution(name, loc, scale))
+        local_sites = [n for n, lv in self.levels.items() if lv == "local"]
+        if local_sites:
+            params = self.local_distributions(data)
+            with individuals(data):  # type: ignore[arg-type]
+                for name in local_sites:
+                    loc, scale = params[name]
+                    result[name] = pyro.sample(name, self._distribution(name, loc, scale))
+        return result
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Posterior medians: globals, group latents ``(G, ...)`` and locals ``(N, ...)``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        data = args[0] if args else None
+        out = {}
+        local = self.local_distributions(data) if self.heads is not None else {}
+        for name, level in self.levels.items():
+            if level == "global":
+                loc, _ = self._global_params(name)
+            elif level == "group":
+                loc, _ = self._group_params(name, data)
+            else:
+                loc, _ = local[name]
+            out[name] = biject_to(self._supports[name])(loc)
+        return out
+
+    # -- save / load --------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """Constructor options as plain values (for :meth:`FitResult.save`)."""
+        return {
+            "init_scale": self.init_scale,
+            "use_group_features": self.use_group_features,
+            "name": self._prefix,
+            "encoder": None if self.encoder is None else self.encoder.config(),
+        }
+
+    @classmethod
+    def from_config(cls, model, config: dict[str, Any]) -> AmortizedGuide:
+        """Rebuild a guide from :meth:`config` (its parameters come from the saved store)."""
+        config = dict(config)
+        enc = config.pop("encoder", None)
+        encoder = make_encoder(enc) if enc else None
+        return cls(model, encoder, **config)

@@ -1,0 +1,407 @@
+r"""What a fit returns: posterior draws, predictions for new individuals, held-out bounds,
+importance-sampling diagnostics, ArviZ export, and save/load.
+
+Posterior draws use sampling-importance-resampling (SIR) with the per-individual weights of
+the hierarchical bound: for each of ``num_samples`` draws :math:`(\theta_s, \phi_s) \sim
+q(\theta, \phi)` of the globals and group latents, every individual's local latents are drawn
+:math:`K` times from the amortized guide, :math:`z_{sik} \sim q(z_i \mid y_i)`, and one of them
+is kept with probability :math:`\tilde w_{sik} = w_{sik} / \sum_{k'} w_{sik'}`,
+:math:`w_{sik} = p(y_i, z_{sik} \mid \theta_s, \phi_s) / q(z_{sik} \mid y_i)`. As :math:`K`
+grows the kept draw tends to the exact conditional posterior :math:`p(z_i \mid y_i, \theta_s,
+\phi_s)`; the globals remain draws of :math:`q(\theta, \phi)`. Deterministic sites (ODE
+trajectories) and observation sites (posterior predictive draws) are resampled with the same
+index, so every returned draw is one consistent joint sample.
+
+The quality of the guide for individual :math:`i` is reported by the Pareto :math:`\hat k` of
+its importance weights (PSIS, Vehtari et al. 2024; :math:`\hat k > 0.7` means the guide is
+unreliable there) and by the weights' effective sample size
+:math:`(\sum_k w_k)^2 / \sum_k w_k^2`, which stays meaningful when :math:`\hat k` does not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+from pyro_hds.objectives import IWAE, LogWeights
+
+__all__ = ["FitResult", "Posterior", "load"]
+
+RESULT_FORMAT = 1
+
+
+@dataclass
+class Posterior:
+    """Joint posterior draws for the individuals of one data set (draws first).
+
+    :ivar samples: site name -> tensor. Globals ``(D, *event)``, group sites ``(D, G, *event)``,
+        local and deterministic sites ``(D, N, *event)`` (ODE trajectories ``(D, N, T, S)``).
+    :ivar predictive: observation site name -> posterior predictive draws ``(D, N, T, C)``.
+    :ivar log_likelihood: observation site name -> ``(D, N)`` float64 log-likelihood of the
+        observed data at each kept draw (for LOO over individuals).
+    :ivar inner_bound: ``(D, N)`` float64 :math:`\\log \\frac1K \\sum_k w_{sik}` per draw.
+    :ivar pareto_k: ``(N,)`` mean over draws of the Pareto :math:`\\hat k` of the K weights.
+    :ivar ess: ``(N,)`` mean over draws of the weights' effective sample size (out of K).
+    :ivar site_levels: site name -> "global", "group", "local" or "observed".
+    """
+
+    samples: dict[str, torch.Tensor]
+    predictive: dict[str, torch.Tensor]
+    log_likelihood: dict[str, torch.Tensor]
+    inner_bound: torch.Tensor
+    pareto_k: torch.Tensor
+    ess: torch.Tensor
+    site_levels: dict[str, str] = field(default_factory=dict)
+    num_particles: int = 1
+    global_ess: float | None = None
+    global_pareto_k: float | None = None
+
+    def select(self, index: torch.Tensor) -> Posterior:
+        """The draws at ``index`` (along the draw dim) of every field."""
+
+        def take(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: v[index.to(v.device)] for name, v in d.items()}
+
+        return Posterior(
+            samples=take(self.samples),
+            predictive=take(self.predictive),
+            log_likelihood=take(self.log_likelihood),
+            inner_bound=self.inner_bound[index],
+            pareto_k=self.pareto_k,
+            ess=self.ess,
+            site_levels=self.site_levels,
+            num_particles=self.num_particles,
+        )
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.samples:
+            return self.samples[name]
+        if name in self.predictive:
+            return self.predictive[name]
+        available = sorted(self.samples) + sorted(self.predictive)
+        raise KeyError(f"no site {name!r}; available: {available}")
+
+    def keys(self):
+        return list(self.samples) + list(self.predictive)
+
+
+def _level(site: dict) -> str:
+    names = {f.name for f in site["cond_indep_stack"]}
+    if "individuals" in names:
+        return "local"
+    if "groups" in names:
+        return "group"
+    return "global"
+
+
+def _pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
+    """Pareto k-hat of importance weights along the last dim (ArviZ's PSIS); NaN when the
+    tail has fewer than 5 draws (K < 25)."""
+    from arviz_stats.base import array_stats
+
+    lw = log_weights.detach().double().cpu().numpy()
+    k = lw.shape[-1]
+    if min(0.2 * k, 3 * np.sqrt(k)) < 5:
+        return torch.full(lw.shape[:-1], math.nan, dtype=torch.float64)
+    flat = np.nan_to_num(lw.reshape(-1, k), nan=-1e300, neginf=-1e300)
+    _, khat = array_stats.psislw(flat, r_eff=1.0, axis=-1)
+    return torch.as_tensor(np.asarray(khat, dtype=np.float64).reshape(lw.shape[:-1]))
+
+
+def _ess(log_weights: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / sum w^2 along the K dim (dim 1) of (S, K, N) log weights."""
+    lw = log_weights.double()
+    return torch.exp(2 * torch.logsumexp(lw, 1) - torch.logsumexp(2 * lw, 1))
+
+
+class FitResult:
+    """The outcome of :func:`pyro_hds.fit`: model, trained guide, data and training history.
+
+    Methods draw from the posterior of the training individuals
+    (:meth:`posterior_samples`, :meth:`posterior`), of NEW individuals with no retraining
+    (:meth:`predict`: the encoder maps their data to their local posterior), estimate held-out
+    bounds (:meth:`evaluate`), and export to ArviZ (:meth:`to_arviz`).
+    """
+
+    def __init__(self, model, guide, data, objective=None, history=None) -> None:
+        self.model = model
+        self.guide = guide
+        self.data = data
+        self.objective = objective
+        self.history = history or {"step": [], "loss": [], "val_step": [], "val_bound": []}
+
+    # -- draws --------------------------------------------------------------------------------
+
+    def _num_particles(self, num_particles: int | None) -> int:
+        if num_particles is not None:
+            return int(num_particles)
+        return int(getattr(self.objective, "num_particles", 10))
+
+    def posterior(
+        self,
+        data: Any = None,
+        num_samples: int = 1000,
+        num_particles: int | None = None,
+        *,
+        resample_globals: int | None = None,
+        max_systems: int = 2_000_000,
+        seed: int | None = None,
+    ) -> Posterior:
+        r"""Joint posterior draws for the individuals of ``data`` (default: the training data).
+
+        :param num_samples: draws ``D`` (outer draws of the globals).
+        :param num_particles: ``K`` guide draws per individual and outer draw among which one
+            is kept by importance resampling; ``1`` gives the raw amortized guide. Defaults to
+            the training objective's ``K``.
+        :param resample_globals: if given, draw this many outer draws of the globals and
+            resample ``num_samples`` of them by their joint importance weights
+            :math:`W_s = \frac{N}{B}\sum_i \log \frac1K\sum_k w_{sik} + \log p(\theta_s,
+            \phi_s) - \log q(\theta_s, \phi_s)`, correcting the globals' guide too. Useful
+            with few individuals; with many the weights degenerate (check
+            ``Posterior.global_ess``).
+        :param max_systems: the largest ``S * K * N`` evaluated in one vectorized pass; larger
+            requests are split into chunks of outer draws.
+        """
+        data = self.data if data is None else data
+        k = self._num_particles(num_particles)
+        if num_samples < 1 or k < 1:
+            raise ValueError("posterior(): num_samples and num_particles must be >= 1")
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        n = len(data) if hasattr(data, "__len__") and hasattr(data, "individual_ids") else 1
+        pool = num_samples if resample_globals is None else int(resample_globals)
+        chunk = max(1, min(pool, max_systems // max(1, k * n)))
+        parts: list[dict[str, Any]] = []
+        done = 0
+        while done < pool:
+            s = min(chunk, pool - done)
+            with torch.no_grad():
+                weights = IWAE(num_particles=k, num_outer_particles=s).log_weights(
+                    self.model, self.guide, data
+                )
+            parts.append(self._resample(weights))
+            done += s
+        posterior = self._merge(parts, k)
+        if resample_globals is not None:
+            log_w = torch.cat([p["joint"] for p in parts])
+            probs = torch.softmax(log_w, 0)
+            chosen = torch.multinomial(probs, num_samples, replacement=True)
+            posterior = posterior.select(chosen)
+            posterior.global_ess = float(1.0 / (probs**2).sum())
+            posterior.global_pareto_k = float(_pareto_k(log_w[None]).reshape(()))
+        return posterior
+
+    def _resample(self, weights: LogWeights) -> dict[str, Any]:
+        lw = weights.local  # (S, K, N)
+        s, k, n = lw.shape
+        probs = torch.softmax(lw.double(), dim=1).permute(0, 2, 1).reshape(s * n, k)
+        chosen = torch.multinomial(probs, 1).reshape(s, n)  # (S, N)
+        samples: dict[str, torch.Tensor] = {}
+        predictive: dict[str, torch.Tensor] = {}
+        loglik: dict[str, torch.Tensor] = {}
+        levels: dict[str, str] = {}
+
+        def pick(value: torch.Tensor, event_dim: int) -> torch.Tensor:
+            # value: (S, K or 1, N or 1, *event) -> (S, N, *event)
+            batch = value.shape[: value.dim() - event_dim]
+            if len(batch) != 3:
+                raise ValueError(
+                    "posterior(): results support models whose plates are 'individuals' and "
+                    f"'groups' at dim -1 only; found a site with batch shape {tuple(batch)}"
+                )
+            value = value.expand((s, k, n, *value.shape[3:]))
+            index = chosen.reshape(s, 1, n, *([1] * event_dim)).expand((s, 1, n, *value.shape[3:]))
+            return value.gather(1, index).squeeze(1)
+
+        trace = weights.model_trace
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            level = _level(site)
+            value = site["value"]
+            event_dim = site["fn"].event_dim
+            if site["is_observed"] and not site["infer"].get("_deterministic"):
+                if level != "local":
+                    continue
+                levels[name] = "observed"
+                draw = site["fn"].sample()
+                predictive[name] = pick(draw, event_dim)
+                lp = site["fn"].log_prob(site["value"])
+                loglik[name] = pick(lp.double().expand(s, k, n), 0)
+                continue
+            levels[name] = "deterministic" if site["infer"].get("_deterministic") else level
+            if level == "local":
+                samples[name] = pick(value, event_dim)
+            else:
+                batch = value.shape[: value.dim() - event_dim]
+                value = value.expand(s, *batch[1:], *value.shape[len(batch) :])
+                event = value.shape[len(batch) :]
+                if level == "group":
+                    samples[name] = value.reshape(s, batch[-1], *event)
+                else:
+                    samples[name] = value.reshape(s, *event)
+        return {
+            "samples": samples,
+            "predictive": predictive,
+            "loglik": loglik,
+            "inner": weights.inner.double(),
+            "pareto_k": _pareto_k(lw.permute(0, 2, 1)).mean(0),
+            "ess": _ess(lw).mean(0),
+            "levels": levels,
+            "weight": s,
+            "joint": (weights.scale * weights.inner.sum(-1) + weights.global_terms).double(),
+        }
+
+    @staticmethod
+    def _merge(parts: list[dict[str, Any]], k: int) -> Posterior:
+        total = sum(p["weight"] for p in parts)
+
+        def cat(key: str) -> dict[str, torch.Tensor]:
+            return {name: torch.cat([p[key][name] for p in parts]) for name in parts[0][key]}
+
+        def wmean(key: str) -> torch.Tensor:
+            return sum(p[key] * p["weight"] for p in parts) / total
+
+        return Posterior(
+            samples=cat("samples"),
+            predictive=cat("predictive"),
+            log_likelihood=cat("loglik"),
+            inner_bound=torch.cat([p["inner"] for p in parts]),
+            pareto_k=wmean("pareto_k"),
+            ess=wmean("ess"),
+            site_levels=parts[0]["levels"],
+            num_particles=k,
+        )
+
+    def posterior_samples(
+        self, num_samples: int = 1000, num_particles: int | None = None, data: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """Posterior draws as ``{site: tensor}`` with draws first (see :meth:`posterior`)."""
+        return dict(self.posterior(data, num_samples, num_particles).samples)
+
+    def posterior_predictive(
+        self, num_samples: int = 1000, num_particles: int | None = None, data: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """Posterior predictive draws of the observation sites and ODE trajectories."""
+        post = self.posterior(data, num_samples, num_particles)
+        out = dict(post.predictive)
+        levels = post.site_levels
+        out.update({n: v for n, v in post.samples.items() if levels.get(n) == "deterministic"})
+        return out
+
+    def predict(self, new_data: Any, num_samples: int = 1000, num_particles: int = 1) -> Posterior:
+        """The posterior of NEW individuals, without retraining.
+
+        The encoder maps each new individual's series, inputs and group to its local posterior;
+        globals and group latents come from the trained guide. ``num_particles = K > 1``
+        refines the encoder's answer by importance resampling among K draws per individual.
+        """
+        return self.posterior(new_data, num_samples, num_particles)
+
+    def evaluate(
+        self,
+        data: Any = None,
+        num_particles: int = 1000,
+        num_outer_particles: int = 4,
+        *,
+        max_systems: int = 2_000_000,
+    ) -> torch.Tensor:
+        r"""Held-out importance-weighted bound per individual, ``(N,)`` float64.
+
+        :math:`\frac1S \sum_s \log \frac1K \sum_k w_{sik}`, a stochastic lower bound of
+        :math:`E_{q(\theta,\phi)} \log p(y_i \mid \theta, \phi)`: the per-individual metric of
+        the vi-hds paper. Individuals are processed in chunks of at most ``max_systems``
+        particles.
+        """
+        data = self.data if data is None else data
+        n = len(data)
+        per = max(1, max_systems // (num_particles * num_outer_particles))
+        out = []
+        for start in range(0, n, per):
+            idx = torch.arange(start, min(n, start + per))
+            with torch.no_grad():
+                objective = IWAE(
+                    num_particles=num_particles, num_outer_particles=num_outer_particles
+                )
+                w = objective.log_weights(self.model, self.guide, data[idx])
+            out.append(w.inner.double().mean(0))
+        return torch.cat(out)
+
+    # -- ArviZ --------------------------------------------------------------------------------
+
+    def to_arviz(self, data: Any = None, num_samples: int = 1000, num_particles: int | None = None):
+        """An ArviZ ``xarray.DataTree`` of the posterior (see :func:`pyro_hds.to_datatree`)."""
+        from pyro_hds.arviz import to_datatree
+
+        data = self.data if data is None else data
+        return to_datatree(self.posterior(data, num_samples, num_particles), data)
+
+    # -- save / load --------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the trained parameters, guide options, history and data to ``path``.
+
+        The file holds tensors, numbers and strings only (``torch.load(weights_only=True)``
+        reads it), written atomically. Reload with :func:`pyro_hds.load` and the same model.
+        """
+        from pyro_hds.fit import _atomic_save, _param_state
+
+        config = getattr(self.guide, "config", None)
+        _atomic_save(
+            {
+                "format": RESULT_FORMAT,
+                "params": _param_state(),
+                "guide_config": config() if callable(config) else config,
+                "objective": {
+                    "num_particles": int(getattr(self.objective, "num_particles", 10)),
+                    "num_outer_particles": int(getattr(self.objective, "num_outer_particles", 1)),
+                },
+                "history": self.history,
+                "data": _dataset_state(self.data),
+            },
+            Path(path),
+        )
+
+
+def _dataset_state(data) -> dict[str, Any]:
+    from pyro_hds.data import Dataset
+
+    if not isinstance(data, Dataset):
+        raise TypeError("FitResult.save(): the training data must be a pyro_hds.Dataset")
+    return data.state_dict()
+
+
+def load(path: str | os.PathLike, model, guide=None) -> FitResult:
+    """Read a :class:`FitResult` written by :meth:`FitResult.save`.
+
+    :param model: the same model function the fit used (code is never stored in the file).
+    :param guide: a guide constructed like the one that was trained; by default an
+        :class:`~pyro_hds.AmortizedGuide` rebuilt from the stored options.
+
+    Loading never executes pickled code (``torch.load(weights_only=True)``). The parameters
+    are written into Pyro's global parameter store.
+    """
+    from pyro_hds.data import Dataset
+    from pyro_hds.fit import _load_param_state
+
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != RESULT_FORMAT:
+        raise ValueError(f"{path}: not a pyro_hds result file")
+    data = Dataset.from_state_dict(state["data"])
+    if guide is None:
+        from pyro_hds.guides import AmortizedGuide
+
+        guide = AmortizedGuide.from_config(model, state["guide_config"] or {})
+    objective = IWAE(**state["objective"])
+    pyro.clear_param_store()
+    with torch.no_grad():
+        objective.log_weights(model, guide, data[torch.arange(min(2, len(data)))])
+    _load_param_state(state["params"])
+    return FitResult(model, guide, data, objective, state["history"])

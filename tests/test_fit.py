@@ -1,0 +1,187 @@
+"""fit(), FitResult and ArviZ export on the hierarchical PK model of the model zoo."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+import xarray as xr
+from pyro.infer import Trace_ELBO
+
+import pyro_hds
+from pyro_hds.models import pk_oral
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    data, truth = pk_oral.simulate(num_groups=3, per_group=6, seed=3)
+    return data, truth
+
+
+def _fit(data, steps=30, **kw):
+    kw.setdefault("objective", pyro_hds.IWAE(num_particles=4))
+    kw.setdefault("batch_size", 9)
+    return pyro_hds.fit(pk_oral.model, data, num_steps=steps, progress=False, **kw)
+
+
+def _params():
+    store = pyro.get_param_store()
+    return {k: store._params[k].detach().clone() for k in store.keys()}
+
+
+def test_seed_determinism(small_data):
+    data, _ = small_data
+    _fit(data, seed=5)
+    first = _params()
+    pyro.clear_param_store()
+    _fit(data, seed=5)
+    second = _params()
+    assert first.keys() == second.keys()
+    for k in first:
+        torch.testing.assert_close(first[k], second[k], rtol=0, atol=0)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_reproduces_uninterrupted_fit(small_data, tmp_path):
+    data, _ = small_data
+    ckpt = tmp_path / "ckpt.pt"
+    _fit(data, steps=24, seed=2)
+    uninterrupted = _params()
+    pyro.clear_param_store()
+
+    def kill(step, loss):
+        if step == 14:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _fit(data, steps=24, seed=2, checkpoint=ckpt, checkpoint_every=6, callback=kill)
+    assert torch.load(ckpt, weights_only=True)["step"] == 12
+    pyro.clear_param_store()
+    result = _fit(data, steps=24, seed=2, checkpoint=ckpt, resume=True)
+    resumed = _params()
+    for k in uninterrupted:
+        torch.testing.assert_close(resumed[k], uninterrupted[k], rtol=0, atol=0)
+    assert result.history["step"] == list(range(24))
+    # no temporary files left behind by the atomic writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_checkpoint_loads_without_pickle(small_data, tmp_path):
+    data, _ = small_data
+    ckpt = tmp_path / "c.pt"
+    _fit(data, steps=3, checkpoint=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 3
+
+
+def test_bad_arguments(small_data):
+    data, _ = small_data
+    with pytest.raises(ValueError, match="batch_size"):
+        _fit(data, batch_size=1000)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _fit(data, lr_schedule="triangle")
+
+
+def test_trace_elbo_trains_the_same_model_and_guide(small_data):
+    data, _ = small_data
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    result = _fit(data, steps=60, objective=elbo, seed=0, lr=0.02)
+    losses = result.history["loss"]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+
+def test_validation_is_logged(small_data):
+    data, _ = small_data
+    result = _fit(
+        data[torch.arange(12)],
+        steps=10,
+        validation=data[torch.arange(12, 18)],
+        validate_every=5,
+        validation_particles=8,
+    )
+    assert result.history["val_step"] == [5, 10]
+    assert all(math.isfinite(v) for v in result.history["val_bound"])
+
+
+def test_posterior_shapes_and_arviz(small_data, tmp_path):
+    from arviz_stats import ess, loo, summary
+
+    data, _ = small_data
+    result = _fit(data, steps=20)
+    post = result.posterior(num_samples=40, num_particles=8)
+    n, t = len(data), data.num_times
+    assert post.samples["ka_pop"].shape == (40,)
+    assert post.samples["cl_group"].shape == (40, 3)
+    assert post.samples["ka"].shape == (40, n)
+    assert post.samples["x"].shape == (40, n, t, 2)
+    assert post.predictive["y"].shape == (40, n, t, 1)
+    assert post.log_likelihood["y"].shape == (40, n)
+    assert post.log_likelihood["y"].dtype == torch.float64
+    assert post.pareto_k.shape == (n,) and post.ess.shape == (n,)
+    assert torch.all((post.ess >= 1 - 1e-9) & (post.ess <= 8 + 1e-9))
+    tree = result.to_arviz(num_samples=40, num_particles=8)
+    for group in (
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
+        "sample_stats",
+        "constant_data",
+    ):
+        assert group in tree.children, group
+    posterior = tree["posterior"]
+    assert posterior["ka"].dims == ("chain", "draw", "individual")
+    assert posterior["cl_group"].dims == ("chain", "draw", "group")
+    assert list(posterior["cl_group"].coords["group"].values) == list(data.group_names)
+    assert posterior["x"].dims == ("chain", "draw", "individual", "time", "x_state")
+    assert tree["log_likelihood"]["y"].dtype == "float64"
+    assert tree["sample_stats"]["pareto_k"].dims == ("individual",)
+    table = summary(tree, var_names=["ka_pop", "cl_pop"])
+    assert table.shape[0] == 2
+    assert ess(tree, var_names=["ka_pop"])["ka_pop"] > 0
+    elpd = loo(tree)
+    assert math.isfinite(float(elpd.elpd))
+    path = tmp_path / "post.nc"
+    tree.to_netcdf(path)
+    back = xr.open_datatree(path)
+    xr.testing.assert_allclose(back["posterior"]["ka"], posterior["ka"])
+    assert list(back["posterior"].coords["individual"].values) == list(data.individual_ids)
+
+
+def test_save_and_load_roundtrip(small_data, tmp_path):
+    data, _ = small_data
+    result = _fit(data, steps=10)
+    before = _params()
+    path = tmp_path / "fit.pt"
+    result.save(path)
+    pyro.clear_param_store()
+    loaded = pyro_hds.load(path, pk_oral.model)
+    after = _params()
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k])
+    assert loaded.history["loss"] == result.history["loss"]
+    assert loaded.data.individual_ids == data.individual_ids
+    post = loaded.posterior(num_samples=5, num_particles=2)
+    assert post.samples["ka"].shape == (5, len(data))
+
+
+def test_nonfinite_loss_names_the_site(small_data):
+    data, _ = small_data
+
+    def broken(data):
+        pk_oral.model(data)
+        pyro.sample(
+            "bad", pyro.distributions.Normal(torch.tensor(math.nan), 1.0), obs=torch.tensor(0.0)
+        )
+
+    pyro.enable_validation(False)
+    with pytest.raises(pyro_hds.NonFiniteLossError, match="bad"):
+        pyro_hds.fit(
+            broken, data, num_steps=2, progress=False, objective=pyro_hds.IWAE(num_particles=2)
+        )
