@@ -134,7 +134,7 @@ def solve(
     for key, value in params.items():
         ed = int(event_dims.get(key, 0))
         event = value.shape[value.dim() - ed :]
-        pf[key] = value.to(dtype).expand(*batch, *event).reshape(b, *event)
+        pf[key] = value.to(dtype).expand(torch.Size([*batch, *event])).reshape(b, *event)
 
     per_element_grid = times.dim() > 1 or doses is not None or isinstance(inputs, PiecewiseConstant)
     t0_tensor = None if t0 is None else torch.as_tensor(t0, dtype=dtype, device=y0.device)
@@ -207,8 +207,16 @@ def solve(
     checked = [False]
     piecewise = isinstance(flat_inputs, PiecewiseConstant)
 
+    cache: dict[str, Any] = {"idx": None, "pp": pf}
+
     def f(t: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        pp = pf if idx is None else {k: v.index_select(0, idx) for k, v in pf.items()}
+        if idx is None:
+            pp = pf
+        elif cache["idx"] is idx:  # the same working set as the last call: reuse its params
+            pp = cache["pp"]
+        else:
+            pp = {k: v.index_select(0, idx) for k, v in pf.items()}
+            cache["idx"], cache["pp"] = idx, pp
         if flat_inputs is not None:
             # a piecewise-constant input is constant over a step (steps end at breakpoints):
             # evaluate it at the step's start, so a stage at the step's end sees the left limit

@@ -105,11 +105,21 @@ class Schedule:
     obs_index: torch.Tensor
     has_jumps: bool
 
-    def apply_jumps(self, y: torch.Tensor, arrived: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """Add the doses at grid position ``p`` (B,) of the elements that ``arrived`` (B,)."""
-        kind = self.kind.gather(1, p[:, None]).squeeze(1)
-        amount = self.amount.gather(1, p[:, None]).squeeze(1)
-        target = self.target.gather(1, p[:, None]).squeeze(1)
+    def apply_jumps(
+        self,
+        y: torch.Tensor,
+        arrived: torch.Tensor,
+        p: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Add the doses at grid position ``p`` of the elements that ``arrived`` (for the
+        elements ``rows`` of the batch, or all)."""
+        kind, amount, target = self.kind, self.amount, self.target
+        if rows is not None:
+            kind, amount, target = (x.index_select(0, rows) for x in (kind, amount, target))
+        kind = kind.gather(1, p[:, None]).squeeze(1)
+        amount = amount.gather(1, p[:, None]).squeeze(1)
+        target = target.gather(1, p[:, None]).squeeze(1)
         add = torch.where(arrived & (kind == DOSE), amount, amount.new_zeros(()))
         onehot = torch.nn.functional.one_hot(target, y.shape[-1]).to(y.dtype)
         return y + add[:, None] * onehot

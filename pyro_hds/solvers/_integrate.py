@@ -189,11 +189,22 @@ def integrate_dopri5(
     ifactor: float,
     dfactor: float,
     first_step: float | None,
+    compact_below: float = 0.5,
 ):
+    """Dopri5 with per-element control over a working set of unfinished elements.
+
+    When fewer than ``compact_below`` of the working set is still integrating, the finished
+    and failed elements are dropped from the working arrays, so a batch whose elements need
+    very different numbers of steps costs about the sum of their steps, not the batch size
+    times the largest.
+    """
     b = y0.shape[0]
     dev, dt = y0.device, y0.dtype
     num_points = sched.points.shape[1]
-    points = sched.points.expand(b, num_points)
+    all_points = sched.points.expand(b, num_points)
+    rows = torch.arange(b, device=dev)  # global ids of the working set
+    full = True  # the working set is the whole batch (no indexing needed)
+    points = all_points
     t = sched.t0.expand(b).clone()
     y = y0
     p = torch.zeros(b, dtype=torch.long, device=dev)
@@ -201,11 +212,25 @@ def integrate_dopri5(
     status = torch.zeros(b, dtype=torch.long, device=dev)
     steps = torch.zeros(b, dtype=torch.long, device=dev)
     rejected = torch.zeros(b, dtype=torch.long, device=dev)
-    point_iter = torch.full((b, num_points), -1, dtype=torch.long, device=dev)
+    out_status = torch.zeros(b, dtype=torch.long, device=dev)
+    out_steps = torch.zeros(b, dtype=torch.long, device=dev)
+    out_rejected = torch.zeros(b, dtype=torch.long, device=dev)
+    point_snap = torch.full((b, num_points), -1, dtype=torch.long, device=dev)
+    point_row = torch.zeros((b, num_points), dtype=torch.long, device=dev)
+    final_snap = torch.full((b,), -1, dtype=torch.long, device=dev)
+    final_row = torch.zeros(b, dtype=torch.long, device=dev)
     hist: list[torch.Tensor] = []
 
+    def call(t, y, local_idx=None):
+        if local_idx is None:
+            return f(t, y, None if full else rows)
+        return f(t, y, rows.index_select(0, local_idx))
+
+    def stages(t, y, h, k1, local_idx=None):
+        return _dopri_stages(lambda tt, yy, _i=None: call(tt, yy, local_idx), t, y, h, k1)
+
     f.segment_start = t  # type: ignore[attr-defined]
-    k1 = f(t, y)
+    k1 = call(t, y)
     if first_step is None:
         scale = atol + rtol * y.detach().abs()
         d0 = (y.detach() / scale).pow(2).mean(-1).sqrt()
@@ -230,33 +255,58 @@ def integrate_dopri5(
             arrivals_seen = True
             hist.append(y)
             which = arrived.nonzero().flatten()
-            point_iter[which, p[which]] = len(hist) - 1
+            g = rows.index_select(0, which)
+            point_snap[g, p[which]] = len(hist) - 1
+            point_row[g, p[which]] = which
             if sched.has_jumps:
-                y = sched.apply_jumps(y, arrived, p.clamp(max=num_points - 1))
+                y = sched.apply_jumps(
+                    y, arrived, p.clamp(max=num_points - 1), None if full else rows
+                )
                 jumped = True
             p = p + arrived.long()
             active = active & (p < num_points)
         if jumped or (arrivals_seen and getattr(f, "piecewise", False)):
             f.segment_start = t  # type: ignore[attr-defined]
-            k1 = f(t, y)
+            k1 = call(t, y)
         return y, p, active, k1
 
     while True:
         y, p, active, k1 = arrivals(y, p, active, k1)
-        if not bool(active.any()):
+        n_active = int(active.sum())
+        if n_active == 0:
             break
+        width = rows.shape[0]
+        if n_active < compact_below * width and width > 16:
+            # record the leaving elements' last state, then shrink the working set
+            hist.append(y)
+            leaving = (~active).nonzero().flatten()
+            g = rows.index_select(0, leaving)
+            final_snap[g] = len(hist) - 1
+            final_row[g] = leaving
+            out_status[g], out_steps[g], out_rejected[g] = (
+                status[leaving],
+                steps[leaving],
+                rejected[leaving],
+            )
+            keep = active.nonzero().flatten()
+            rows = rows.index_select(0, keep)
+            full = False
+            points = all_points.index_select(0, rows)
+            t, y, h, p, k1 = (x.index_select(0, keep) for x in (t, y, h, p, k1))
+            status, steps, rejected = (x.index_select(0, keep) for x in (status, steps, rejected))
+            active = torch.ones_like(keep, dtype=torch.bool)
         tt = points.gather(1, p.clamp(max=num_points - 1)[:, None]).squeeze(1)
         room = tt - t
         h_eff = torch.where(active, torch.minimum(h, room), torch.zeros_like(h))
         f.segment_start = t  # type: ignore[attr-defined]
-        y5, err, k7 = _dopri_stages(f, t, y, h_eff, k1)
+        y5, err, k7 = stages(t, y, h_eff, k1)
         finite = (
             torch.isfinite(y5).all(-1) & torch.isfinite(err).all(-1) & torch.isfinite(k7).all(-1)
         )
         if not bool(finite.all()):
             idx = finite.nonzero().flatten()
-            y5_s, err_s, k7_s = _dopri_stages(
-                f,
+            f.segment_start = _take(t, idx)  # type: ignore[attr-defined]
+            y5_s, err_s, k7_s = stages(
                 _take(t, idx),
                 y.index_select(0, idx),
                 h_eff.index_select(0, idx),
@@ -294,8 +344,16 @@ def integrate_dopri5(
         k1 = torch.where(acc, k7, k1)
 
     hist.append(y)
-    reached = point_iter >= 0
-    point_iter = torch.where(reached, point_iter, len(hist) - 1)
+    final_snap[rows] = len(hist) - 1
+    final_row[rows] = torch.arange(rows.shape[0], device=dev)
+    out_status[rows], out_steps[rows], out_rejected[rows] = status, steps, rejected
+    reached = point_snap >= 0
+    snap = torch.where(reached, point_snap, final_snap[:, None])
+    row = torch.where(reached, point_row, final_row[:, None])
+    sizes = torch.tensor([x.shape[0] for x in hist], device=dev)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    flat_index = offsets[snap] + row  # (B, P)
     obs_index = sched.obs_index.expand(b, -1)
-    ys = _gather_outputs(hist, point_iter.gather(1, obs_index))
-    return ys, status, steps, rejected, reached.gather(1, obs_index)
+    stacked = torch.cat(hist, 0)
+    ys = stacked[flat_index.gather(1, obs_index)]
+    return ys, out_status, out_steps, out_rejected, reached.gather(1, obs_index)
