@@ -1,0 +1,177 @@
+"""AmortizedGuide and the encoders: site levels, shapes, exact densities, minibatches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+import pyro_hds
+from pyro_hds.data import Dataset
+from pyro_hds.encoders import ConvEncoder, MaskedEncoder, make_encoder
+from pyro_hds.guides import AmortizedGuide
+
+
+def make_data(n=12, t=20, seed=0, features=False):
+    gen = torch.Generator().manual_seed(seed)
+    groups = torch.arange(n) % 3
+    level = torch.tensor([0.5, 1.0, 2.0])[groups]
+    z = level + 0.3 * torch.randn(n, generator=gen)
+    ts = torch.linspace(0, 1, t)
+    y = z[:, None, None] * ts[None, :, None] + 0.05 * torch.randn(n, t, 1, generator=gen)
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]) if features else None
+    return Dataset.from_arrays(
+        y,
+        ts,
+        groups=groups,
+        group_names=["a", "b", "c"],
+        group_features=feats,
+        inputs=torch.rand(n, 2, generator=gen),
+    )
+
+
+def model(data):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    noise = pyro.sample("noise", dist.LogNormal(-2.0, 0.5))
+    with pyro_hds.groups(data):
+        g = pyro.sample("g", dist.Normal(mu, 1.0))
+    with pyro_hds.individuals(data):
+        z = pyro.sample("z", dist.Normal(g[..., data.groups], 0.5))
+        frac = pyro.sample("frac", dist.Beta(2.0, 2.0))
+        x = (z * frac / frac)[..., None, None] * data.times[:, None]
+        pyro_hds.observe("y", dist.Normal(x, noise[..., None, None]), data)
+
+
+def test_site_levels_and_unknown_plate():
+    data = make_data()
+    guide = AmortizedGuide(model)
+    guide(data)
+    assert guide.levels == {
+        "mu": "global",
+        "noise": "global",
+        "g": "group",
+        "z": "local",
+        "frac": "local",
+    }
+    assert isinstance(guide.encoder, ConvEncoder)
+
+    def bad(data):
+        with pyro.plate("channels", 3):
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"site 'w' is in plate\(s\) \['channels'\]"):
+        AmortizedGuide(bad)(data)
+
+
+def test_sample_shapes_under_particle_plates_and_supports():
+    data = make_data()
+    guide = AmortizedGuide(model)
+    with pyro.plate("_particles", 7, dim=-2):
+        tr = pyro.poutine.trace(guide).get_trace(data)
+    assert tr.nodes["mu"]["value"].shape == (7, 1)
+    assert tr.nodes["g"]["value"].shape == (7, 3)
+    assert tr.nodes["z"]["value"].shape == (7, 12)
+    frac = tr.nodes["frac"]["value"]
+    assert torch.all((frac > 0) & (frac < 1))
+    assert torch.all(tr.nodes["noise"]["value"] > 0)
+    w = pyro_hds.IWAE(num_particles=5, num_outer_particles=2).log_weights(model, guide, data)
+    assert w.local.shape == (2, 5, 12) and torch.isfinite(w.local).all()
+
+
+def test_log_density_is_exact():
+    data = make_data()
+    guide = AmortizedGuide(model)
+    tr = pyro.poutine.trace(guide).get_trace(data)
+    locs = guide.local_distributions(data)
+    loc, scale = locs["frac"]
+    value = tr.nodes["frac"]["value"]
+    u = torch.logit(value)  # biject_to(unit interval) is the sigmoid
+    manual = dist.Normal(loc, scale).log_prob(u) - torch.log(value * (1 - value))
+    torch.testing.assert_close(tr.nodes["frac"]["fn"].log_prob(value), manual)
+    mloc, mscale = pyro.param("AmortizedGuide.noise.loc"), pyro.param("AmortizedGuide.noise.scale")
+    v = tr.nodes["noise"]["value"]
+    manual = dist.Normal(mloc, mscale).log_prob(v.log()) - v.log()
+    torch.testing.assert_close(tr.nodes["noise"]["fn"].log_prob(v), manual)
+
+
+def test_trains_with_trace_elbo_and_reaches_the_encoder():
+    data = make_data()
+    guide = AmortizedGuide(model)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    loss = elbo.differentiable_loss(model, guide, data)
+    loss.backward()
+    assert guide.encoder.conv.weight.grad is not None
+    assert torch.isfinite(guide.encoder.conv.weight.grad).all()
+    pyro.clear_param_store()
+    result = pyro_hds.fit(
+        model,
+        data,
+        guide=AmortizedGuide(model),
+        objective=elbo,
+        num_steps=150,
+        lr=0.03,
+        progress=False,
+    )
+    losses = result.history["loss"]
+    assert np.mean(losses[-15:]) < np.mean(losses[:15])
+
+
+def test_minibatch_plate_scale():
+    data = make_data()
+    guide = AmortizedGuide(model)
+    tr = pyro.poutine.trace(guide).get_trace(data[[1, 4, 7]])
+    assert tr.nodes["z"]["value"].shape == (3,)
+    assert tr.nodes["z"]["scale"] == pytest.approx(12 / 3)
+
+
+def test_masked_encoder_ignores_unobserved_entries():
+    data = make_data()
+    y = data.observations.clone()
+    mask = data.mask.clone()
+    mask[:, 10:] = False
+    enc = MaskedEncoder(1)
+    a = enc(data.replace(observations=torch.where(mask, y, 0.0), mask=mask))
+    b = enc(data.replace(observations=torch.where(mask, y, 123.0), mask=mask))
+    torch.testing.assert_close(a, b)
+    assert a.shape == (12, enc.out_features)
+    # and a model with missing values gets the masked encoder by default
+    guide = AmortizedGuide(model)
+    guide(data.replace(mask=mask))
+    assert isinstance(guide.encoder, MaskedEncoder)
+
+
+def test_group_features_predict_unseen_groups():
+    data = make_data(features=True)
+    guide = AmortizedGuide(model)
+    guide(data)
+    assert guide.group_maps is not None
+    new = Dataset.from_arrays(
+        data.observations[:2],
+        data.times,
+        groups=[0, 0],
+        group_names=["d"],
+        group_features=torch.tensor([[0.0, 2.0]]),
+        inputs=data.inputs[:2],
+    )
+    tr = pyro.poutine.trace(guide).get_trace(new)
+    assert tr.nodes["g"]["value"].shape == (1,)
+    assert math.isfinite(float(tr.nodes["z"]["value"].sum()))
+
+
+def test_config_round_trip():
+    data = make_data()
+    guide = AmortizedGuide(model, init_scale=0.2)
+    guide(data)
+    cfg = guide.config()
+    assert cfg["encoder"]["type"] == "ConvEncoder"
+    again = AmortizedGuide.from_config(model, cfg)
+    assert again.init_scale == 0.2
+    enc = make_encoder(cfg["encoder"])
+    assert isinstance(enc, ConvEncoder) and enc.out_features == guide.encoder.out_features
+    with pytest.raises(ValueError, match="init_scale"):
+        AmortizedGuide(model, init_scale=0.0)
