@@ -50,8 +50,14 @@ bad = table.copy()
 bad.loc[2, "time"] = 0.5  # two rows of p1 at t = 0.5
 try:
     pyro_hds.Dataset.from_dataframe(
-        bad, individual="id", time="time", observations=["conc"], event="evid", amount="amt",
-        target="cmt", allow_missing=True,
+        bad,
+        individual="id",
+        time="time",
+        observations=["conc"],
+        event="evid",
+        amount="amt",
+        target="cmt",
+        allow_missing=True,
     )
 except pyro_hds.DataValidationError as err:
     print("caught:", err)

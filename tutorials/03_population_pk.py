@@ -49,8 +49,10 @@ result = pyro_hds.fit(
 post = result.posterior(num_samples=50 if QUICK else 500)
 for name in ("ka_pop", "cl_pop", "v_pop", "sigma"):
     d = post.samples[name]
-    print(f"{name:8s} true {float(truth[name]):7.3f}  posterior {float(d.mean()):7.3f} "
-          f"+- {float(d.std()):.3f}")
+    print(
+        f"{name:8s} true {float(truth[name]):7.3f}  posterior {float(d.mean()):7.3f} "
+        f"+- {float(d.std()):.3f}"
+    )
 print("group clearances", post.samples["cl_group"].mean(0), "true", truth["cl_group"])
 print("Pareto k-hat per patient (guide quality; > 0.7 is poor):", post.pareto_k[:6])
 
