@@ -115,14 +115,7 @@ class AmortizedGuide(AutoGuide):
             self.levels[name] = level
             self._supports[name] = support
             self._shapes[name] = u.shape[batch_ndim:]
-            if level == "global":
-                pyro.param(f"{prefix}.{name}.loc", u.clone())
-                pyro.param(
-                    f"{prefix}.{name}.scale",
-                    torch.full_like(u, self.init_scale),
-                    constraint=constraints.positive,
-                )
-            elif level == "group":
+            if level in ("global", "group"):  # group params carry a leading (G,) dim
                 pyro.param(f"{prefix}.{name}.loc", u.clone())
                 pyro.param(
                     f"{prefix}.{name}.scale",
