@@ -116,10 +116,13 @@ def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, subste
             f.segment_start = t  # type: ignore[attr-defined]
             if not any_dead:
                 y_new = step(f, t, y, h)
-                bad = ~torch.isfinite(y_new).all(-1)
-                if bool(bad.any()):
-                    dead = bad
-                    any_dead = True
+                # one reduction detects any NaN or inf (an overflowing sum of finite values
+                # only costs the elementwise check below)
+                if not bool(torch.isfinite(y_new.sum())):
+                    bad = ~torch.isfinite(y_new).all(-1)
+                    if bool(bad.any()):
+                        dead = bad
+                        any_dead = True
             if any_dead:
                 y_new = _subset_step(step, f, t, y, h, ~dead)
                 bad = ~torch.isfinite(y_new).all(-1) & ~dead
@@ -300,9 +303,14 @@ def integrate_dopri5(
         h_eff = torch.where(active, torch.minimum(h, room), torch.zeros_like(h))
         f.segment_start = t  # type: ignore[attr-defined]
         y5, err, k7 = stages(t, y, h_eff, k1)
-        finite = (
-            torch.isfinite(y5).all(-1) & torch.isfinite(err).all(-1) & torch.isfinite(k7).all(-1)
-        )
+        if bool(torch.isfinite(y5.sum() + err.sum() + k7.sum())):
+            finite = torch.ones_like(active)
+        else:
+            finite = (
+                torch.isfinite(y5).all(-1)
+                & torch.isfinite(err).all(-1)
+                & torch.isfinite(k7).all(-1)
+            )
         if not bool(finite.all()):
             idx = finite.nonzero().flatten()
             f.segment_start = _take(t, idx)  # type: ignore[attr-defined]
