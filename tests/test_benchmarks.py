@@ -1,0 +1,115 @@
+"""The solver benchmark: its accuracy bookkeeping, ladder search, and a --quick smoke run.
+
+No wall-clock threshold is tested; the smoke run checks that every solver finds a setting that
+meets the error target and that the table is complete.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "solvers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("_bench_solvers", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_draws_are_nested(bench):
+    # a smaller batch is a prefix of a larger one: the ladder search relies on it
+    torch.testing.assert_close(bench.draws(10), bench.draws(1000)[:10], rtol=0, atol=0)
+
+
+def test_heterogeneous_time_scales(bench):
+    u = bench.draws(2000)
+    pb = bench.lotka_volterra("heterogeneous", u, torch.float32)
+    assert pb.theta.dtype == torch.float32 and pb.y0.shape == (2000, 2)
+    assert float(pb.scale.min()) >= 1.0 and float(pb.scale.max()) <= 100.0
+    # log-uniform: log10(scale) uniform on [0, 2], mean 1 (sd of the mean 0.58 / sqrt(2000))
+    assert abs(float(pb.scale.log10().mean()) - 1.0) < 5 * 0.58 / math.sqrt(2000)
+    # rates are the homogeneous ones times the scale
+    homo = bench.lotka_volterra("homogeneous", u, torch.float64)
+    torch.testing.assert_close(pb.theta.double(), homo.theta * pb.scale[:, None], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="unknown case"):
+        bench.lotka_volterra("stiff", u, torch.float32)
+
+
+def test_system_errors(bench):
+    ref = torch.tensor([[[1.0, -2.0], [4.0, 0.5]], [[1.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)
+    ys = ref.clone().float()
+    ys[0, 1, 1] += 0.2  # error 0.2 relative to the system's largest |ref| = 4
+    ok = torch.tensor([True, False])
+    errors = bench.system_errors(ys, ref, ok)
+    assert errors[0] == pytest.approx(0.05, rel=1e-6)
+    assert errors[1] == math.inf  # a failed system counts as infinitely wrong
+    nan = ref.clone()
+    nan[0, 0, 0] = math.nan
+    assert bench.system_errors(nan, ref, torch.tensor([True, True]))[0] == math.inf
+
+
+@pytest.mark.parametrize("start", [None, 1e-3, 1e-5, 1e-7])
+def test_choose_finds_loosest_accurate_setting(bench, start):
+    # a fake solver whose relative error equals its rtol exactly: y = ref * (1 + rtol)
+    pb = bench.lotka_volterra("homogeneous", bench.draws(4), torch.float64)
+    ref = torch.rand(4, 3, 2, dtype=torch.float64) + 0.5
+
+    def run(problem, theta, rtol, rhs):
+        return ref * (1 + rtol), torch.ones(4, dtype=torch.bool)
+
+    fake = bench.Solver("fake", "adaptive", run)
+    best, tried = bench.choose(fake, pb, ref, 5e-5, start)
+    assert best is not None and best.setting == 3e-5
+    assert best.error == pytest.approx(3e-5, rel=1e-9)
+    assert all(t.error >= 5e-5 for t in tried if t.setting > 3e-5)
+    best, _ = bench.choose(fake, pb, ref, 1e-10, start)  # tighter than the whole ladder
+    assert best is None
+
+
+def test_quick_run():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "torch threads 1" in out
+    devs = re.findall(r"reference deviation from dopri8 (\S+)", out)
+    assert len(devs) == 2 and all(float(d) < 1e-6 for d in devs)  # target 1e-4 over 100
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    rows = [[c.strip() for c in r] for r in rows if r[0].strip() != "case"]
+    labels = {
+        "pyro_hds RK4",
+        "torchdiffeq rk4",
+        "pyro_hds Dopri5",
+        "torchdiffeq dopri5",
+        "torchode dopri5",
+    }
+    for case in ("homogeneous", "heterogeneous"):
+        mine = [r for r in rows if r[0] == case]
+        assert {r[2] for r in mine} == labels, out
+        for r in mine:
+            assert r[3] != "none in ladder", r
+            assert float(r[4]) < 1e-4, r  # worst error below the target
+            assert float(r[6]) > 0 and float(r[7]) > 0, r  # timed
+            if r[2].startswith("pyro_hds"):
+                assert r[8] == r[9] == "1.00", r
+    assert "target >= 3" in out
