@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: timing, environment description, plain tables.
+"""Shared helpers of the benchmark scripts: thread settings, timing, environment description.
 
 Benchmarks print their results; nothing here writes files. Times are wall-clock seconds from
 :func:`time.perf_counter`, summarized by the median of repeats after warm-up runs (the first
@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,18 +78,3 @@ def format_seconds(seconds: float) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.3g} ms"
     return f"{seconds:.3g} s"
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown pipe table with columns padded to a common width."""
-    widths = [len(h) for h in header]
-    for row in rows:
-        if len(row) != len(header):
-            raise ValueError(f"row {row!r} has {len(row)} cells, expected {len(header)}")
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
