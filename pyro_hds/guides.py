@@ -185,6 +185,9 @@ class AmortizedGuide(AutoGuide):
         """``(N, G_train or F)`` group description of each individual of ``data``."""
         if self._has_features:
             return data.group_features[data.groups]
+        dtype = data.observations.dtype
+        if tuple(data.group_names) == self._group_names:
+            return nn.functional.one_hot(data.groups, len(self._group_names)).to(dtype)
         names = list(data.group_names)
         index = {g: i for i, g in enumerate(self._group_names)}
         missing = [g for g in names if g not in index]
@@ -198,7 +201,7 @@ class AmortizedGuide(AutoGuide):
             )
         mapping = torch.tensor([index.get(g, 0) for g in names], device=data.groups.device)
         codes = mapping[data.groups]
-        return nn.functional.one_hot(codes, len(self._group_names)).to(data.observations.dtype)
+        return nn.functional.one_hot(codes, len(self._group_names)).to(dtype)
 
     # -- parameters ---------------------------------------------------------------------------
 

@@ -88,7 +88,16 @@ class LogWeights:
     scale: float
     model_trace: Any = None
     guide_trace: Any = None
-    nonfinite_global_sites: tuple[str, ...] = ()
+    contributions: tuple = ()
+
+    @property
+    def nonfinite_global_sites(self) -> tuple[str, ...]:
+        """Sites outside the individuals plate whose log-density term is not finite."""
+        return tuple(
+            f"{kind} site {name!r}"
+            for kind, name, term in self.contributions
+            if term.dim() == 1 and not bool(torch.isfinite(term).all())
+        )
 
     @property
     def inner(self) -> torch.Tensor:
@@ -330,12 +339,9 @@ class IWAE(ELBO):
             global_terms = torch.where(
                 failed_global, global_terms.new_full((), -math.inf), global_terms
             )
-        bad_globals = tuple(
-            f"{kind} site {name!r}"
-            for kind, name, term in contributions
-            if term.dim() == 1 and not bool(torch.isfinite(term).all())
+        return LogWeights(
+            local, global_terms, scale, model_trace, guide_trace, tuple(contributions)
         )
-        return LogWeights(local, global_terms, scale, model_trace, guide_trace, bad_globals)
 
     @staticmethod
     def _explain(contributions, bad: torch.Tensor, args) -> str:

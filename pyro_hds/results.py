@@ -175,7 +175,9 @@ class FitResult:
             raise ValueError("posterior(): num_samples and num_particles must be >= 1")
         if seed is not None:
             pyro.set_rng_seed(seed)
-        n = len(data) if hasattr(data, "__len__") and hasattr(data, "individual_ids") else 1
+        from pyro_hds.fit import _is_dataset
+
+        n = len(data) if _is_dataset(data) else 1
         pool = num_samples if resample_globals is None else int(resample_globals)
         chunk = max(1, min(pool, max_systems // max(1, k * n)))
         parts: list[dict[str, Any]] = []

@@ -250,8 +250,14 @@ def test_dreg_gradient_is_unbiased_for_the_iwae_gradient():
     diff = (g_std.mean(0) - g_dreg.mean(0)).abs()
     # local guide parameters are theta[3:] (z loc shrink, z log-scale)
     assert torch.all(diff[3:] < 4 * se[3:]), (diff, se)
-    # and DReG's per-draw gradients differ from the standard ones (it is a different estimator)
-    assert not torch.allclose(g_std.mean(0)[3:], g_dreg.mean(0)[3:], atol=1e-12)
+    # on the same draws, DReG changes only the local guide parameters' gradient: the global
+    # guide parameters (theta[:3]) keep the IWAE gradient exactly, the local ones do not
+    pyro.set_rng_seed(8)
+    same_std = grads(False, 1)[0]
+    pyro.set_rng_seed(8)
+    same_dreg = grads(True, 1)[0]
+    torch.testing.assert_close(same_dreg[:3], same_std[:3], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(same_dreg[3:], same_std[3:], rtol=1e-6, atol=1e-9)
 
 
 def test_failed_particles_get_zero_weight_and_dead_individuals_are_named():
