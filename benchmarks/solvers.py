@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib.util
 import io
 import math
 import pstats
@@ -228,6 +229,11 @@ class Solver:
     label: str
     kind: str  # "fixed" or "adaptive"
     run: Run
+    requires: str | None = None  # an optional peer's module
+
+    @property
+    def available(self) -> bool:
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
     @property
     def ours(self) -> bool:
@@ -248,7 +254,7 @@ SOLVERS = (
     Solver("torchdiffeq rk4", "fixed", tdq_rk4),
     Solver("pyro_hds Dopri5", "adaptive", ours_dopri5),
     Solver("torchdiffeq dopri5", "adaptive", tdq_dopri5),
-    Solver("torchode dopri5", "adaptive", torchode_dopri5),
+    Solver("torchode dopri5", "adaptive", torchode_dopri5, requires="torchode"),
 )
 
 
@@ -588,10 +594,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# worst-system error target {args.target:g}; ratio = time / pyro_hds time for the same "
         "kind of method (above 1: pyro_hds is faster)"
     )
+    solvers = [s for s in SOLVERS if s.available]
+    for s in SOLVERS:
+        if not s.available:
+            print(f"# {s.label}: not installed, left out (pip install -e '.[peers]')")
     rows: list[Row] = []
     for case in args.cases:
         sizes = args.sizes if case == "homogeneous" else args.hetero_sizes
-        rows += run_case(case, sizes, args.target, args.repeats, SOLVERS)
+        rows += run_case(case, sizes, args.target, args.repeats, solvers)
     print()
     for line in summary(rows):
         print(f"# {line}")
