@@ -244,6 +244,32 @@ def test_failure_is_isolated_in_values_and_gradients(solver):
     torch.testing.assert_close(sol.ys[[0, 2]], ok.ys)
 
 
+@pytest.mark.parametrize(
+    "solver", [Euler(substeps=7), RK4(substeps=3), Dopri5()], ids=["euler", "rk4", "dopri5"]
+)
+def test_nan_from_the_rhs_is_isolated(solver):
+    # element 1's rhs turns NaN after t = 0.4 (sqrt of a negative number), in the middle of a
+    # grid interval: the solver must drop it there and leave the others bit-for-bit alone
+    k = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
+    cut = torch.tensor([math.inf, 0.4, math.inf])
+
+    def rhs(t, y, p):
+        return -p["k"].unsqueeze(-1) * y * torch.sqrt(p["cut"] - t).clamp(max=1.0).unsqueeze(-1)
+
+    ts = torch.linspace(0.0, 1.0, 3)
+    sol = solve(rhs, torch.ones(1), ts, {"k": k, "cut": cut}, solver=solver)
+    assert sol.status.tolist()[0] == Status.SUCCESS and sol.status.tolist()[2] == Status.SUCCESS
+    assert sol.status.tolist()[1] != Status.SUCCESS
+    assert sol.reached[1].tolist() == [True, False, False]
+    assert torch.isfinite(sol.ys).all()
+    ok = solve(rhs, torch.ones(1), ts, {"k": k[[0, 2]], "cut": cut[[0, 2]]}, solver=solver)
+    torch.testing.assert_close(sol.ys[[0, 2]], ok.ys, rtol=0, atol=0)
+    (g,) = torch.autograd.grad(sol.ys[[0, 2]].sum(), k)
+    (g_ref,) = torch.autograd.grad(ok.ys.sum(), k)
+    assert g[1] == 0 and torch.isfinite(g).all()
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-15)  # summation order only
+
+
 def test_dopri5_max_steps_is_per_element():
     ts = torch.tensor([0.0, 10.0])
     sol = solve(

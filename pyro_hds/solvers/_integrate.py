@@ -59,32 +59,53 @@ def _col(h: torch.Tensor) -> torch.Tensor:
     return h.unsqueeze(-1) if h.dim() else h
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x if x.dim() == 0 else x.index_select(0, idx)
+def _take(x, idx: torch.Tensor):
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return x
+    return x.index_select(0, idx)
+
+
+def _axpy(y: torch.Tensor, h, k: torch.Tensor) -> torch.Tensor:
+    """``y + h k`` in one operation: ``h`` a Python float, a 0-d tensor or ``(B,)``."""
+    if isinstance(h, float):
+        return torch.add(y, k, alpha=h)
+    return torch.addcmul(y, _col(h), k)
+
+
+def _shift(t, h, c: float):
+    """The stage time ``t + c h``."""
+    if isinstance(h, float):
+        return t + c * h
+    return torch.add(t, h, alpha=c)
 
 
 # -- fixed-step methods -----------------------------------------------------------------------
+# ``h`` is a Python float when the whole batch shares the step (a shared grid), else a tensor.
 
 
 def _euler(f: F, t, y, h, idx=None):
-    return y + _col(h) * f(t, y, idx)
+    return _axpy(y, h, f(t, y, idx))
 
 
 def _heun(f: F, t, y, h, idx=None):
-    hc = _col(h)
     k1 = f(t, y, idx)
-    k2 = f(t + h, y + hc * k1, idx)
-    return y + 0.5 * hc * (k1 + k2)
+    k2 = f(_shift(t, h, 1.0), _axpy(y, h, k1), idx)
+    return _axpy(y, _scale(h, 0.5), k1 + k2)
 
 
 def _rk4(f: F, t, y, h, idx=None):
-    hc = _col(h)
-    half = 0.5 * h
+    half = _scale(h, 0.5)
+    t_half = _shift(t, h, 0.5)
     k1 = f(t, y, idx)
-    k2 = f(t + half, y + 0.5 * hc * k1, idx)
-    k3 = f(t + half, y + 0.5 * hc * k2, idx)
-    k4 = f(t + h, y + hc * k3, idx)
-    return y + hc * (k1 + 2 * k2 + 2 * k3 + k4) / 6
+    k2 = f(t_half, _axpy(y, half, k1), idx)
+    k3 = f(t_half, _axpy(y, half, k2), idx)
+    k4 = f(_shift(t, h, 1.0), _axpy(y, h, k3), idx)
+    acc = (k1 + k4).add_(k2 + k3, alpha=2.0)
+    return _axpy(y, _scale(h, 1 / 6), acc)
+
+
+def _scale(h, c: float):
+    return c * h
 
 
 FIXED_METHODS = {"euler": _euler, "heun": _heun, "rk4": _rk4}
@@ -97,11 +118,18 @@ def _gather_outputs(hist: list[torch.Tensor], index: torch.Tensor) -> torch.Tens
 
 
 def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, substeps: int):
-    """Fixed steps: ``substeps`` equal steps between consecutive grid points of each element."""
+    """Fixed steps: ``substeps`` equal steps between consecutive grid points of each element.
+
+    Each interval between grid points runs without per-step checks; when its end state holds a
+    non-finite value, the interval is run again from its start with a check after every step,
+    and the elements that fail are dropped from the computation (see the module docstring).
+    """
     step = FIXED_METHODS[method]
     b = y0.shape[0]
     shared = sched.points.shape[0] == 1
     points = sched.points[0] if shared else sched.points
+    # a shared grid without gradient: the step is a Python number (no tensor arithmetic)
+    scalar_h = shared and not (sched.points.requires_grad or sched.t0.requires_grad)
     t = sched.t0[0] if shared else sched.t0
     y = y0
     dead = torch.zeros(b, dtype=torch.bool, device=y0.device)
@@ -109,29 +137,39 @@ def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, subste
     num_points = sched.points.shape[1]
     died_at = torch.full((b,), num_points, dtype=torch.long, device=y0.device)
     hist: list[torch.Tensor] = []
-    for p in range(num_points):
-        target = points[..., p]
-        h = (target - t) / substeps
+
+    def careful(y, t, h, dead):
         for _ in range(substeps):
             f.segment_start = t  # type: ignore[attr-defined]
-            if not any_dead:
+            if bool(dead.any()):
+                y_new = _subset_step(step, f, t, y, h, ~dead)
+            else:
                 y_new = step(f, t, y, h)
-                # one reduction detects any NaN or inf (an overflowing sum of finite values
-                # only costs the elementwise check below)
-                if not bool(torch.isfinite(y_new.sum())):
-                    bad = ~torch.isfinite(y_new).all(-1)
-                    if bool(bad.any()):
-                        dead = bad
-                        any_dead = True
-            if any_dead:
+            bad = ~torch.isfinite(y_new).all(-1) & ~dead
+            while bool(bad.any()):
+                dead = dead | bad
                 y_new = _subset_step(step, f, t, y, h, ~dead)
                 bad = ~torch.isfinite(y_new).all(-1) & ~dead
-                while bool(bad.any()):
-                    dead = dead | bad
-                    y_new = _subset_step(step, f, t, y, h, ~dead)
-                    bad = ~torch.isfinite(y_new).all(-1) & ~dead
             y = y_new
             t = t + h
+        return y, dead
+
+    for p in range(num_points):
+        target = points[..., p]
+        h = float(target - t) / substeps if scalar_h else (target - t) / substeps
+        if any_dead:
+            y, dead = careful(y, t, h, dead)
+        else:
+            y_start, t_cur = y, t
+            for _ in range(substeps):
+                f.segment_start = t_cur  # type: ignore[attr-defined]
+                y = step(f, t_cur, y, h)
+                t_cur = t_cur + h
+            # one reduction detects any NaN or inf (an overflowing sum of finite values only
+            # costs the elementwise check)
+            if not bool(torch.isfinite(y.sum())) and not bool(torch.isfinite(y).all()):
+                y, dead = careful(y_start, t, h, dead)
+                any_dead = bool(dead.any())
         if any_dead:
             died_at = torch.where(dead & (died_at == num_points), p, died_at)
         t = target  # exact arrival
@@ -157,27 +195,34 @@ def _subset_step(step, f: F, t, y, h, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _dopri_stages(f: F, t, y, h, k1, idx=None):
-    hc = _col(h)
+    r"""One Dormand-Prince step of size ``h`` ``(B,)`` from ``(t, y)`` with first stage ``k1``.
+
+    Returns the 5th-order solution, the error estimate *per unit step*
+    :math:`\sum_j (b_j - \hat b_j) k_j` (no gradient: it only steers the step size) and the
+    last stage (the next step's first, FSAL).
+    """
+    hc = h.unsqueeze(-1)
     ks = [k1]
     for i in range(1, 6):
         a = _A[i]
-        acc = a[0] * ks[0]
+        acc = ks[0] * a[0]
         for j in range(1, i):
             if a[j] != 0.0:
-                acc = acc + a[j] * ks[j]
-        ks.append(f(t + _C[i] * h, y + hc * acc, idx))
-    acc = _B5[0] * ks[0]
+                acc.add_(ks[j], alpha=a[j])
+        ks.append(f(torch.add(t, h, alpha=_C[i]), torch.addcmul(y, hc, acc), idx))
+    acc = ks[0] * _B5[0]
     for j in range(1, 6):
         if _B5[j] != 0.0:
-            acc = acc + _B5[j] * ks[j]
-    y5 = y + hc * acc
+            acc.add_(ks[j], alpha=_B5[j])
+    y5 = torch.addcmul(y, hc, acc)
     k7 = f(t + h, y5, idx)
     ks.append(k7)
-    err = _E[0] * ks[0]
-    for j in range(1, 7):
-        if _E[j] != 0.0:
-            err = err + _E[j] * ks[j]
-    return y5, hc * err, k7
+    with torch.no_grad():
+        err = ks[0] * _E[0]
+        for j in range(1, 7):
+            if _E[j] != 0.0:
+                err.add_(ks[j], alpha=_E[j])
+    return y5, err, k7
 
 
 def integrate_dopri5(
@@ -192,7 +237,7 @@ def integrate_dopri5(
     ifactor: float,
     dfactor: float,
     first_step: float | None,
-    compact_below: float = 0.5,
+    compact_below: float = 0.8,
 ):
     """Dopri5 with per-element control over a working set of unfinished elements.
 
@@ -200,10 +245,15 @@ def integrate_dopri5(
     and failed elements are dropped from the working arrays, so a batch whose elements need
     very different numbers of steps costs about the sum of their steps, not the batch size
     times the largest.
+
+    Outputs are not copied out as elements reach grid points: every state a grid point is
+    reached in is kept (``hist``) with a record of which elements arrived at which point, and
+    one gather at the end assembles the ``(B, T, S)`` outputs.
     """
     b = y0.shape[0]
     dev, dt = y0.device, y0.dtype
     num_points = sched.points.shape[1]
+    last_point = num_points - 1
     all_points = sched.points.expand(b, num_points)
     rows = torch.arange(b, device=dev)  # global ids of the working set
     full = True  # the working set is the whole batch (no indexing needed)
@@ -218,11 +268,14 @@ def integrate_dopri5(
     out_status = torch.zeros(b, dtype=torch.long, device=dev)
     out_steps = torch.zeros(b, dtype=torch.long, device=dev)
     out_rejected = torch.zeros(b, dtype=torch.long, device=dev)
-    point_snap = torch.full((b, num_points), -1, dtype=torch.long, device=dev)
-    point_row = torch.zeros((b, num_points), dtype=torch.long, device=dev)
-    final_snap = torch.full((b,), -1, dtype=torch.long, device=dev)
-    final_row = torch.zeros(b, dtype=torch.long, device=dev)
     hist: list[torch.Tensor] = []
+    hist_rows = 0  # rows of hist so far (its states concatenated)
+    # arrival records: flat (element, point) keys and the rows of cat(hist) they point to
+    keys: list[torch.Tensor] = []
+    places: list[torch.Tensor] = []
+    # the same for the elements' final states: element ids and rows of cat(hist)
+    final_keys: list[torch.Tensor] = []
+    final_places: list[torch.Tensor] = []
 
     def call(t, y, local_idx=None):
         if local_idx is None:
@@ -231,6 +284,15 @@ def integrate_dopri5(
 
     def stages(t, y, h, k1, local_idx=None):
         return _dopri_stages(lambda tt, yy, _i=None: call(tt, yy, local_idx), t, y, h, k1)
+
+    def keep_state(y):
+        nonlocal hist_rows
+        hist.append(y)
+        hist_rows += y.shape[0]
+        return hist_rows - y.shape[0]
+
+    def next_point(p):
+        return points.gather(1, p.clamp(max=last_point).unsqueeze(1)).squeeze(1)
 
     f.segment_start = t  # type: ignore[attr-defined]
     k1 = call(t, y)
@@ -248,73 +310,72 @@ def integrate_dopri5(
         k1 = torch.where(bad[:, None], torch.zeros((), dtype=dt), k1)
 
     def arrivals(y, p, active, k1):
-        jumped = False
-        arrivals_seen = False
+        """Record the elements that sit on their next grid point, apply doses, move on."""
+        moved = False
         while True:
-            tt = points.gather(1, p.clamp(max=num_points - 1)[:, None]).squeeze(1)
+            tt = next_point(p)
             arrived = active & (t >= tt)
             if not bool(arrived.any()):
                 break
-            arrivals_seen = True
-            hist.append(y)
-            which = arrived.nonzero().flatten()
-            g = rows.index_select(0, which)
-            point_snap[g, p[which]] = len(hist) - 1
-            point_row[g, p[which]] = which
+            offset = keep_state(y)
+            which = arrived.nonzero().squeeze(1)
+            g = which if full else rows.index_select(0, which)
+            keys.append(g * num_points + p.index_select(0, which))
+            places.append(which + offset)
             if sched.has_jumps:
-                y = sched.apply_jumps(
-                    y, arrived, p.clamp(max=num_points - 1), None if full else rows
-                )
-                jumped = True
-            p = p + arrived.long()
+                y = sched.apply_jumps(y, arrived, p.clamp(max=last_point), None if full else rows)
+            moved = True
+            p = p + arrived
             active = active & (p < num_points)
-        if jumped or (arrivals_seen and getattr(f, "piecewise", False)):
+        if moved and (sched.has_jumps or getattr(f, "piecewise", False)):
             f.segment_start = t  # type: ignore[attr-defined]
             k1 = call(t, y)
-        return y, p, active, k1
+        return y, p, active, k1, tt
 
     while True:
-        y, p, active, k1 = arrivals(y, p, active, k1)
+        y, p, active, k1, tt = arrivals(y, p, active, k1)
         n_active = int(active.sum())
         if n_active == 0:
             break
         width = rows.shape[0]
         if n_active < compact_below * width and width > 16:
             # record the leaving elements' last state, then shrink the working set
-            hist.append(y)
-            leaving = (~active).nonzero().flatten()
+            offset = keep_state(y)
+            leaving = (~active).nonzero().squeeze(1)
             g = rows.index_select(0, leaving)
-            final_snap[g] = len(hist) - 1
-            final_row[g] = leaving
+            final_keys.append(g)
+            final_places.append(leaving + offset)
             out_status[g], out_steps[g], out_rejected[g] = (
-                status[leaving],
-                steps[leaving],
-                rejected[leaving],
+                status.index_select(0, leaving),
+                steps.index_select(0, leaving),
+                rejected.index_select(0, leaving),
             )
-            keep = active.nonzero().flatten()
+            keep = active.nonzero().squeeze(1)
             rows = rows.index_select(0, keep)
             full = False
             points = all_points.index_select(0, rows)
-            t, y, h, p, k1 = (x.index_select(0, keep) for x in (t, y, h, p, k1))
+            t, y, h, p, k1, tt = (x.index_select(0, keep) for x in (t, y, h, p, k1, tt))
             status, steps, rejected = (x.index_select(0, keep) for x in (status, steps, rejected))
             active = torch.ones_like(keep, dtype=torch.bool)
-        tt = points.gather(1, p.clamp(max=num_points - 1)[:, None]).squeeze(1)
         room = tt - t
         h_eff = torch.where(active, torch.minimum(h, room), torch.zeros_like(h))
         f.segment_start = t  # type: ignore[attr-defined]
         y5, err, k7 = stages(t, y, h_eff, k1)
-        if bool(torch.isfinite(y5.sum() + err.sum() + k7.sum())):
-            finite = torch.ones_like(active)
-        else:
-            finite = (
-                torch.isfinite(y5).all(-1)
-                & torch.isfinite(err).all(-1)
-                & torch.isfinite(k7).all(-1)
-            )
-        if not bool(finite.all()):
-            idx = finite.nonzero().flatten()
+        with torch.no_grad():
+            scale = torch.maximum(y.abs(), y5.abs()).mul_(rtol).add_(atol)
+            ratio = err.div_(scale).square_().mean(-1).sqrt_().mul_(h_eff)
+            # a non-finite last stage makes the error estimate non-finite (its weight is not
+            # 0), so the ratio and the new state cover every stage
+            all_finite = bool(torch.isfinite(ratio.sum() + y5.sum()))
+            if not all_finite:
+                finite = torch.isfinite(ratio) & torch.isfinite(y5).all(-1)
+                all_finite = bool(finite.all())  # else a sum overflowed, no element did
+        if not all_finite:
+            # run the step again without the failing elements, so that their values leave
+            # no trace in the autograd graph
+            idx = finite.nonzero().squeeze(1)
             f.segment_start = _take(t, idx)  # type: ignore[attr-defined]
-            y5_s, err_s, k7_s = stages(
+            y5_s, _, k7_s = stages(
                 _take(t, idx),
                 y.index_select(0, idx),
                 h_eff.index_select(0, idx),
@@ -323,45 +384,55 @@ def integrate_dopri5(
             )
             y5 = torch.index_copy(y.detach(), 0, idx, y5_s)
             k7 = torch.index_copy(k1.detach(), 0, idx, k7_s)
-            err = torch.index_copy(torch.zeros_like(err), 0, idx, err_s.detach())
-        with torch.no_grad():
-            scale = atol + rtol * torch.maximum(y.abs(), y5.abs())
-            ratio = (err / scale).pow(2).mean(-1).sqrt()
             ratio = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
+        with torch.no_grad():
             accept = active & (ratio <= 1.0)
-            factor = safety * ratio.clamp(min=1e-10).pow(-0.2)
-            factor = factor.clamp(min=dfactor, max=ifactor)
+            factor = ratio.clamp(min=1e-10).pow_(-0.2).mul_(safety).clamp_(dfactor, ifactor)
             factor = torch.where(accept, factor, factor.clamp(max=1.0))
-            factor = torch.where(finite, factor, torch.full_like(factor, dfactor))
+            if not all_finite:
+                factor = torch.where(finite, factor, torch.full_like(factor, dfactor))
             clipped = h_eff >= room
             h_next = h_eff * factor
             h_next = torch.where(accept & clipped, torch.maximum(h_next, h), h_next)
             h = torch.where(active, h_next, h)
             t = torch.where(accept, torch.where(clipped, tt, t + h_eff), t)
-            steps = steps + active.long()
-            rejected = rejected + (active & ~accept).long()
-            tiny = active & ~accept & (h <= 1e-13 * torch.clamp(t.abs(), min=1.0))
-            status = torch.where(
-                tiny, torch.where(finite, int(Status.STEP_TOO_SMALL), int(Status.NONFINITE)), status
-            )
+            steps += active
+            refused = active & ~accept
+            rejected += refused
+            tiny = refused & (h <= 1e-13 * torch.clamp(t.abs(), min=1.0))
+            if not all_finite:
+                tiny_status = torch.where(finite, int(Status.STEP_TOO_SMALL), int(Status.NONFINITE))
+            else:
+                tiny_status = torch.full_like(status, int(Status.STEP_TOO_SMALL))
+            status = torch.where(tiny, tiny_status, status)
             over = active & ~tiny & (steps >= max_steps) & ~(accept & clipped)
             status = torch.where(over, int(Status.MAX_STEPS), status)
-            active = active & ~tiny & ~over
-        acc = accept[:, None]
+            active = active & ~(tiny | over)
+        acc = accept.unsqueeze(-1)
         y = torch.where(acc, y5, y)
         k1 = torch.where(acc, k7, k1)
 
-    hist.append(y)
-    final_snap[rows] = len(hist) - 1
-    final_row[rows] = torch.arange(rows.shape[0], device=dev)
+    offset = keep_state(y)
+    final_keys.append(rows)
+    final_places.append(torch.arange(rows.shape[0], device=dev) + offset)
     out_status[rows], out_steps[rows], out_rejected[rows] = status, steps, rejected
-    reached = point_snap >= 0
-    snap = torch.where(reached, point_snap, final_snap[:, None])
-    row = torch.where(reached, point_row, final_row[:, None])
-    sizes = torch.tensor([x.shape[0] for x in hist], device=dev)
-    offsets = torch.cumsum(sizes, 0) - sizes
-    flat_index = offsets[snap] + row  # (B, P)
+    # resolve the records: where each element's grid points (or, for points it never reached,
+    # its final state) sit in cat(hist)
+    point_place = torch.full((b * num_points,), -1, dtype=torch.long, device=dev)
+    if keys:
+        point_place.index_copy_(0, torch.cat(keys), torch.cat(places))
+    final_place = torch.empty(b, dtype=torch.long, device=dev)
+    final_place.index_copy_(0, torch.cat(final_keys), torch.cat(final_places))
+    point_place = point_place.view(b, num_points)
+    reached = point_place >= 0
+    flat_index = torch.where(reached, point_place, final_place.unsqueeze(1))
     obs_index = sched.obs_index.expand(b, -1)
     stacked = torch.cat(hist, 0)
-    ys = stacked[flat_index.gather(1, obs_index)]
-    return ys, out_status, out_steps, out_rejected, reached.gather(1, obs_index)
+    ys = stacked.index_select(0, flat_index.gather(1, obs_index).reshape(-1))
+    return (
+        ys.view(b, obs_index.shape[1], -1),
+        out_status,
+        out_steps,
+        out_rejected,
+        reached.gather(1, obs_index),
+    )
