@@ -185,3 +185,18 @@ def test_nonfinite_loss_names_the_site(small_data):
         pyro_hds.fit(
             broken, data, num_steps=2, progress=False, objective=pyro_hds.IWAE(num_particles=2)
         )
+
+
+def test_a_subset_is_fitted_as_a_whole_training_set(small_data):
+    # data[train] remembers that it was cut from 18 individuals; fit() must scale its
+    # minibatches by the 12 it was given, exactly as for the same 12 built on their own
+    data, _ = small_data
+    train = data[torch.arange(6, 18)]
+    alone = train.replace(total_size=12, indices=torch.arange(12))
+    _fit(train, steps=3, seed=2)
+    cut = _params()
+    pyro.clear_param_store()
+    _fit(alone, steps=3, seed=2)
+    whole = _params()
+    for k in cut:
+        torch.testing.assert_close(cut[k], whole[k], rtol=0, atol=0)
