@@ -298,14 +298,22 @@ class FitResult:
         out.update({n: v for n, v in post.samples.items() if levels.get(n) == "deterministic"})
         return out
 
-    def predict(self, new_data: Any, num_samples: int = 1000, num_particles: int = 1) -> Posterior:
+    def predict(
+        self,
+        new_data: Any,
+        num_samples: int = 1000,
+        num_particles: int = 1,
+        *,
+        seed: int | None = None,
+    ) -> Posterior:
         """The posterior of NEW individuals, without retraining.
 
         The encoder maps each new individual's series, inputs and group to its local posterior;
         globals and group latents come from the trained guide. ``num_particles = K > 1``
         refines the encoder's answer by importance resampling among K draws per individual.
+        ``seed`` seeds the draws (None: leave the generators alone).
         """
-        return self.posterior(new_data, num_samples, num_particles)
+        return self.posterior(new_data, num_samples, num_particles, seed=seed)
 
     def evaluate(
         self,

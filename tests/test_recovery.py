@@ -1,0 +1,102 @@
+"""Recovery, calibration and amortization on simulated population-PK data with known truth.
+
+Two fits of ``pyro_hds.models.pk_oral`` (3 groups; 24 patients each, of which 4 per group are
+held out of the first fit): one on the 60 training patients, one on all 72. Criteria:
+
+* calibration: with the importance-resampled posterior (K = 256 guide draws per patient), the
+  90% intervals of each patient's ka, CL and V cover the truth for a number of the 72 patients
+  inside the central 99.8% of Binomial(72, 0.9), i.e. 56 to 71;
+* recovery: the true population and group parameters lie inside their 99.8% posterior
+  intervals (3.1 posterior SD for a normal posterior);
+* amortization: for the 12 held-out patients, ``predict()`` from the first fit and the
+  posterior from the fit that saw them agree: every posterior mean within 0.5 posterior SD
+  (the Monte Carlo error of a difference of two 300-draw means is about 0.1 SD, and the
+  12 extra patients move the population posterior by well under 0.5 SD). Both use K = 1024
+  guide draws per patient, so that what is compared is close to the exact conditional
+  posterior rather than to each fit's encoder.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+import pyro_hds
+from pyro_hds.models import pk_oral
+
+PER_GROUP, HELD = 24, 4
+DRAWS, K_POST, K_NEW = 300, 256, 1024
+
+
+def _fit(data):
+    pyro.clear_param_store()
+    return pyro_hds.fit(
+        pk_oral.model,
+        data,
+        objective=pyro_hds.IWAE(num_particles=16),
+        num_steps=1000,
+        batch_size=24,
+        lr=0.02,
+        seed=0,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def setting():
+    data, truth = pk_oral.simulate(per_group=PER_GROUP, seed=11)
+    position = torch.arange(len(data)) % PER_GROUP
+    held = (position >= PER_GROUP - HELD).nonzero().flatten()
+    train = (position < PER_GROUP - HELD).nonzero().flatten()
+    new = data[held].replace(total_size=len(held), indices=torch.arange(len(held)))
+    partial = _fit(data[train])
+    predicted = partial.predict(new, num_samples=DRAWS, num_particles=K_NEW, seed=1)
+    full = _fit(data)
+    posterior = full.posterior(num_samples=DRAWS, num_particles=K_POST, seed=1)
+    seen = full.posterior(new, num_samples=DRAWS, num_particles=K_NEW, seed=2)
+    pyro.clear_param_store()
+    return dict(truth=truth, predicted=predicted, posterior=posterior, seen=seen)
+
+
+@pytest.mark.parametrize("name", ["ka", "cl", "v"])
+def test_individual_intervals_are_calibrated(setting, name):
+    d = setting["posterior"].samples[name].double()
+    true = setting["truth"][name]
+    lo, hi = torch.quantile(d, 0.05, dim=0), torch.quantile(d, 0.95, dim=0)
+    covered = int(((lo <= true) & (true <= hi)).sum())
+    assert 56 <= covered <= 71, f"{name}: {covered} of 72 intervals cover the truth"
+
+
+def _inside(name, setting, q=0.001):
+    d = setting["posterior"].samples[name].double().reshape(DRAWS, -1)
+    true = setting["truth"][name].double().reshape(-1)
+    lo, hi = torch.quantile(d, q, dim=0), torch.quantile(d, 1 - q, dim=0)
+    return bool(((lo <= true) & (true <= hi)).all()), (d.mean(0), d.std(0), true)
+
+
+@pytest.mark.parametrize("name", ["ka_pop", "cl_pop", "v_pop", "group_sd", "cl_group", "omega"])
+def test_population_parameters_are_recovered(setting, name):
+    ok, detail = _inside(name, setting)
+    assert ok, f"{name}: mean, sd, truth = {detail}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bias: with the mean-field amortized guide the noise SD comes out high and "
+    "the random-effect SD low (about 0.12 and 0.18 for true 0.1 and 0.2; issue 3 note); the "
+    "random-effect SD still falls inside its 99.8% interval, the noise SD does not",
+)
+@pytest.mark.parametrize("name", ["sigma"])
+def test_variance_parameters_are_recovered(setting, name):
+    ok, detail = _inside(name, setting)
+    assert ok, f"{name}: mean, sd, truth = {detail}"
+
+
+def test_predict_agrees_with_fitting_the_new_individuals(setting):
+    for name in ("ka", "cl", "v"):
+        a = setting["predicted"].samples[name].double().log()
+        b = setting["seen"].samples[name].double().log()
+        sd = torch.sqrt(0.5 * (a.var(0) + b.var(0)))
+        z = (a.mean(0) - b.mean(0)) / sd
+        assert z.abs().max() < 0.5, f"{name}: standardized differences {z}"
