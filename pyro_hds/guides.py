@@ -50,7 +50,7 @@ def _transform_inputs(u: torch.Tensor) -> torch.Tensor:
 
 
 class AmortizedGuide(AutoGuide):
-    """An ``AutoGuide`` with mean-field globals and group latents and amortized locals.
+    r"""An ``AutoGuide`` with mean-field globals and group latents and amortized locals.
 
     :param model: the Pyro model, ``model(data)``.
     :param encoder: an :class:`~pyro_hds.Encoder`; by default a :class:`ConvEncoder` for data
@@ -59,6 +59,22 @@ class AmortizedGuide(AutoGuide):
     :param use_group_features: feed ``data.group_features`` (when present) to the local heads
         and the group means instead of one-hot group codes.
     :param init_loc_fn: initial locations, as in Pyro's autoguides.
+    :param local_covariance: ``"diagonal"`` (default): mean-field locals, as in vi-hds.
+        ``"full"``: each individual's local latents, all sites together, get a full-covariance
+        Gaussian in unconstrained space, written in
+        regression form: with :math:`u_j` the unconstrained value of local dimension
+        :math:`j` (sites in model order, dimensions flattened),
+
+        .. math::
+
+            u_j \mid u_{<j} \sim \mathcal N\big(\mu_j + \textstyle\sum_{i<j}
+            B_{ji} (u_i - \mu_i),\; s_j^2\big),
+
+        where the encoder's heads give :math:`\mu, s` and an extra head the strictly lower
+        triangular :math:`B` per individual (any Gaussian has this form; :math:`B = 0` is the
+        mean-field case, where the extra head starts). Posterior correlations between local
+        parameters (clearance and volume, say) are common and a mean-field guide misses them.
+        Not compatible with ``IWAE(dreg=True)``.
     """
 
     def __init__(
@@ -70,14 +86,22 @@ class AmortizedGuide(AutoGuide):
         use_group_features: bool = True,
         init_loc_fn=_DEFAULT_INIT,
         name: str = "AmortizedGuide",
+        local_covariance: str = "diagonal",
     ) -> None:
         if not init_scale > 0:
             raise ValueError(f"AmortizedGuide(init_scale={init_scale}): must be positive")
+        if local_covariance not in ("full", "diagonal"):
+            raise ValueError(
+                f"AmortizedGuide(local_covariance={local_covariance!r}): use 'full' or 'diagonal'"
+            )
+        self.local_covariance = local_covariance
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=None)
         self.init_loc_fn = init_loc_fn
         self.init_scale = float(init_scale)
         self.use_group_features = bool(use_group_features)
         self._given_encoder = [encoder]  # a list: not registered as a submodule
+        self.coef_heads: nn.ModuleDict | None = None
+        self._last_coefs: dict[str, torch.Tensor] = {}
         self._prefix = name
         self.levels: dict[str, str] = {}
         self._shapes: dict[str, torch.Size] = {}
@@ -161,9 +185,22 @@ class AmortizedGuide(AutoGuide):
                     head.bias[size:] = _inv_softplus(self.init_scale)
                 heads[name] = head
             self.heads = nn.ModuleDict(heads)
+            self.coef_heads = None
+            if self.local_covariance == "full":
+                coefs, before = {}, 0
+                for name in locals_:
+                    size = max(1, math.prod(self._shapes[name]))
+                    if before:
+                        lin = nn.Linear(in_dim, size * before).to(device=device, dtype=dtype)
+                        nn.init.zeros_(lin.weight)
+                        nn.init.zeros_(lin.bias)
+                        coefs[name] = lin
+                    before += size
+                self.coef_heads = nn.ModuleDict(coefs) if coefs else None
         else:
             self.encoder = None
             self.heads = None
+            self.coef_heads = None
         if groups_ and self._has_features:
             f = data.group_features.shape[-1]
             maps = {}
@@ -210,6 +247,8 @@ class AmortizedGuide(AutoGuide):
             pyro.module(f"{self._prefix}.encoder", self.encoder)
         if self.heads is not None:
             pyro.module(f"{self._prefix}.heads", self.heads)
+        if self.coef_heads is not None:
+            pyro.module(f"{self._prefix}.coefs", self.coef_heads)
         if self.group_maps is not None:
             pyro.module(f"{self._prefix}.group_maps", self.group_maps)
 
@@ -251,7 +290,18 @@ class AmortizedGuide(AutoGuide):
             loc = h[:, :size].reshape(n, *self._shapes[name])
             scale = nn.functional.softplus(h[:, size:]).reshape(n, *self._shapes[name]) + 1e-6
             out[name] = (loc, scale)
+        self._last_coefs = {}
+        if self.coef_heads is not None:
+            for name, lin in self.coef_heads.items():
+                size = max(1, math.prod(self._shapes[name]))
+                self._last_coefs[name] = lin(x).reshape(n, size, -1)  # (N, size, D_before)
         return out
+
+    def local_coefficients(self, data: Any) -> dict[str, torch.Tensor]:
+        """``{site: B}`` of the full-covariance local guide: ``(N, size, D_before)`` per site
+        after the first (empty for ``local_covariance="diagonal"``)."""
+        self.local_distributions(data)
+        return dict(self._last_coefs)
 
     # -- the guide ----------------------------------------------------------------------------
 
@@ -287,10 +337,27 @@ class AmortizedGuide(AutoGuide):
         local_sites = [n for n, lv in self.levels.items() if lv == "local"]
         if local_sites:
             params = self.local_distributions(data)
+            coefs = self._last_coefs
+            deviations: list[torch.Tensor] = []  # (..., N, size) of u - mu, sites so far
+            infer: Any = {"conditional_guide": bool(coefs)}  # IWAE(dreg=True) checks it
             with individuals(data):  # type: ignore[arg-type]
                 for name in local_sites:
                     loc, scale = params[name]
-                    result[name] = pyro.sample(name, self._distribution(name, loc, scale))
+                    shape = self._shapes[name]
+                    cond_loc = loc
+                    if name in coefs:
+                        dev = torch.cat(deviations, -1).unsqueeze(-2)  # (..., N, 1, D_before)
+                        shift = (coefs[name] * dev).sum(-1)  # (..., N, size)
+                        cond_loc = loc + shift.reshape(shift.shape[:-1] + shape)
+                    value = pyro.sample(
+                        name,
+                        self._distribution(name, cond_loc, scale),
+                        infer=infer,
+                    )
+                    result[name] = value
+                    if coefs:
+                        u = biject_to(self._supports[name]).inv(value) - loc
+                        deviations.append(u.reshape((*u.shape[: u.dim() - len(shape)], -1)))
         return result
 
     @torch.no_grad()
@@ -318,6 +385,7 @@ class AmortizedGuide(AutoGuide):
         return {
             "init_scale": self.init_scale,
             "use_group_features": self.use_group_features,
+            "local_covariance": self.local_covariance,
             "name": self._prefix,
             "encoder": None if self.encoder is None else self.encoder.config(),
         }

@@ -285,6 +285,14 @@ class IWAE(ELBO):
                     continue
                 fn = site["fn"]
                 if self.dreg and kind == "guide" and frame is not None:
+                    if site["infer"].get("conditional_guide"):
+                        raise ValueError(
+                            f"IWAE(dreg=True): the guide's local site {name!r} is drawn "
+                            "conditionally on other local sites (AmortizedGuide's "
+                            "local_covariance='full'), whose stop-gradient form DReG does not "
+                            "support; use AmortizedGuide(model, local_covariance='diagonal') "
+                            "with dreg=True, or dreg=False."
+                        )
                     fn = _detach_distribution(fn)
                 # the plate scale of local sites is applied after the inner logsumexp
                 lp = scale_and_mask(

@@ -175,3 +175,44 @@ def test_config_round_trip():
     assert isinstance(enc, ConvEncoder) and enc.out_features == guide.encoder.out_features
     with pytest.raises(ValueError, match="init_scale"):
         AmortizedGuide(model, init_scale=0.0)
+
+
+def test_full_local_covariance_is_the_gaussian_it_claims():
+    # with the correlation head's output fixed at B = 0.8, (u_z, u_frac) of each individual is
+    # Gaussian with covariance [[s_z^2, B s_z^2], [B s_z^2, B^2 s_z^2 + s_f^2]], and the guide's
+    # log-density is that Gaussian's, plus the logit's log-Jacobian for frac
+    data = make_data()
+    guide = AmortizedGuide(model, local_covariance="full")
+    guide(data)
+    assert guide.coef_heads is not None and set(guide.coef_heads) == {"frac"}
+    with torch.no_grad():
+        guide.coef_heads["frac"].bias.fill_(0.8)
+    draws = 20_000
+    with pyro.plate("_particles", draws, dim=-2):
+        tr = pyro.poutine.trace(guide).get_trace(data)
+    params = guide.local_distributions(data)
+    (mu_z, s_z), (mu_f, s_f) = params["z"], params["frac"]
+    u_z = tr.nodes["z"]["value"]
+    frac = tr.nodes["frac"]["value"]
+    u_f = torch.logit(frac)
+    cov_zf = ((u_z - u_z.mean(0)) * (u_f - u_f.mean(0))).mean(0)
+    var_f = u_f.var(0)
+    want_zf = 0.8 * s_z**2
+    want_f = 0.64 * s_z**2 + s_f**2
+    # Monte Carlo standard errors of a covariance and a variance, about sd^2 * sqrt(2 / n)
+    tol = 5 * math.sqrt(2 / draws)
+    assert ((cov_zf - want_zf).abs() < tol * s_z * want_f.sqrt()).all()
+    assert ((var_f - want_f).abs() < tol * want_f).all()
+    loc = torch.stack([mu_z, mu_f], -1).detach()
+    cov = torch.stack(
+        [torch.stack([s_z**2, want_zf], -1), torch.stack([want_zf, want_f], -1)], -2
+    ).detach()
+    mvn = dist.MultivariateNormal(loc, covariance_matrix=cov)
+    manual = mvn.log_prob(torch.stack([u_z, u_f], -1)[:5]) - torch.log(frac * (1 - frac))[:5]
+    lq = tr.nodes["z"]["fn"].log_prob(u_z) + tr.nodes["frac"]["fn"].log_prob(frac)
+    torch.testing.assert_close(lq[:5].detach(), manual.detach(), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="local_covariance='diagonal'"):
+        pyro_hds.IWAE(num_particles=3, dreg=True).differentiable_loss(model, guide, data)
+    assert AmortizedGuide.from_config(model, guide.config()).local_covariance == "full"
+    with pytest.raises(ValueError, match="local_covariance"):
+        AmortizedGuide(model, local_covariance="banded")
