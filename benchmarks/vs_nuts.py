@@ -332,9 +332,11 @@ def run_nuts(data: Dataset, warmup: int, draws: int, seed: int) -> Run:
 
 
 def draws_of(posterior) -> dict[str, np.ndarray]:
-    """``{site: (D, ...)}`` float64 numpy draws of the latent sites of ``pk_oral``."""
+    """``{site: (D, ...)}`` float64 numpy draws of the latent sites of ``pk_oral`` (from a
+    ``Posterior`` or from the dict that ``FitResult.encode`` returns)."""
     names = (*GLOBALS, "cl_group", *LOCALS)
-    return {k: posterior.samples[k].detach().double().cpu().numpy() for k in names}
+    samples = posterior if isinstance(posterior, dict) else posterior.samples
+    return {k: samples[k].detach().double().cpu().numpy() for k in names}
 
 
 def run_pyro_hds(
@@ -373,11 +375,15 @@ def run_pyro_hds(
 
 
 def run_predict(result, new_data: Dataset, draws: int, particles: int, seed: int) -> Run:
-    """``result.predict`` on ``new_data``: the amortized posterior of new individuals."""
+    """The amortized posterior of new individuals: with K = 1 the encoder's answer alone
+    (``result.encode``: no ODE solve), else ``result.predict`` with K importance particles."""
     pyro.set_rng_seed(seed)
-    posterior, wall, cpu = timed(
-        lambda: result.predict(new_data, num_samples=draws, num_particles=particles)
-    )
+    if particles == 1:
+        posterior, wall, cpu = timed(lambda: result.encode(new_data, num_samples=draws))
+    else:
+        posterior, wall, cpu = timed(
+            lambda: result.predict(new_data, num_samples=draws, num_particles=particles)
+        )
     return Run(wall, cpu, draws_of(posterior))
 
 

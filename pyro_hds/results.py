@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 
 from pyro_hds.objectives import IWAE, LogWeights
 
@@ -314,6 +315,40 @@ class FitResult:
         ``seed`` seeds the draws (None: leave the generators alone).
         """
         return self.posterior(new_data, num_samples, num_particles, seed=seed)
+
+    def encode(
+        self, new_data: Any, num_samples: int = 1000, *, seed: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Draws of every latent from the amortized guide alone, for any individuals.
+
+        No ODE is solved and the model is not evaluated: the encoder maps each individual's
+        series, inputs and group to its approximate posterior and ``num_samples`` draws are
+        taken from it (globals and group latents from their trained Gaussians). This is the
+        fastest posterior pyro_hds gives for new individuals; :meth:`predict` with
+        ``num_particles > 1`` corrects it by importance resampling (and adds predictive draws,
+        log-likelihoods and diagnostics) at the cost of ``num_samples * K`` solves per
+        individual.
+
+        :returns: ``{site: tensor}`` with draws first: globals ``(D, *event)``, group latents
+            ``(D, G, *event)``, locals ``(D, N, *event)``.
+        """
+        if num_samples < 1:
+            raise ValueError(f"encode(num_samples={num_samples}): must be >= 1")
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        levels = getattr(self.guide, "levels", None)
+        if levels is None:
+            raise TypeError("encode() needs an AmortizedGuide (a guide with site levels)")
+        with torch.no_grad(), pyro.plate("_draws", num_samples, dim=-2):
+            trace = poutine.trace(self.guide).get_trace(new_data)
+        out: dict[str, torch.Tensor] = {}
+        for name, level in levels.items():
+            value = trace.nodes[name]["value"]
+            event = value.shape[value.dim() - len(self.guide._shapes[name]) :]
+            batch = value.shape[: value.dim() - len(event)]
+            value = value.expand(num_samples, *batch[1:], *event)
+            out[name] = value.reshape(num_samples, *event) if level == "global" else value
+        return out
 
     def evaluate(
         self,

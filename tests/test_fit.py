@@ -200,3 +200,24 @@ def test_a_subset_is_fitted_as_a_whole_training_set(small_data):
     whole = _params()
     for k in cut:
         torch.testing.assert_close(cut[k], whole[k], rtol=0, atol=0)
+
+
+def test_encode_draws_from_the_guide_without_the_model(small_data):
+    data, _ = small_data
+    result = _fit(data, steps=20, seed=4)
+    new, _ = pk_oral.simulate(num_groups=3, per_group=2, seed=8)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("encode() must not run the model")
+
+    result.model = no_model
+    draws = result.encode(new, num_samples=4000, seed=0)
+    assert draws["ka_pop"].shape == (4000,) and draws["cl_group"].shape == (4000, 3)
+    assert draws["cl"].shape == (4000, 6)
+    loc, scale = result.guide.local_distributions(new)["cl"]
+    log_cl = draws["cl"].log()
+    # 5 Monte Carlo standard errors of a mean (scale / sqrt(n)) and of an SD (scale / sqrt(2n))
+    assert ((log_cl.mean(0) - loc).abs() < 5 * scale / math.sqrt(4000)).all()
+    assert ((log_cl.std(0) - scale).abs() < 5 * scale / math.sqrt(2 * 4000)).all()
+    with pytest.raises(ValueError, match="num_samples"):
+        result.encode(new, num_samples=0)

@@ -61,6 +61,9 @@ print("Pareto k-hat per patient (guide quality; > 0.7 is poor):", post.pareto_k[
 new_data, new_truth = pk_oral.simulate(per_group=2, seed=99)
 new_post = result.predict(new_data, num_samples=50 if QUICK else 500, num_particles=16)
 print("new patients' clearance:", new_post.samples["cl"].mean(0), "true", new_truth["cl"])
+# the encoder's answer alone, without solving a single ODE (milliseconds for thousands)
+encoded = result.encode(new_data, num_samples=1000)
+print("encoder alone, clearance:", encoded["cl"].mean(0))
 
 # %% ArviZ: a DataTree with posterior, posterior_predictive, log_likelihood, ...
 tree = pyro_hds.to_datatree(post, data)
