@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ConvEncoder", "Encoder", "MaskedEncoder", "make_encoder"]
+__all__ = ["ConvEncoder", "Encoder", "MLPEncoder", "MaskedEncoder", "make_encoder"]
 
 
 class Encoder(nn.Module, abc.ABC):
@@ -151,13 +151,59 @@ class MaskedEncoder(Encoder):
         return torch.tanh(self.dense(torch.cat([mean, mx], -1)))
 
 
+class MLPEncoder(Encoder):
+    """A multilayer perceptron on the whole series, for a shared grid of ``T`` times.
+
+    Input: the scaled, mask-multiplied observations and the mask, flattened to ``2 T C``
+    numbers (a missing value is thus told apart from a zero); ``depth`` layers of ``hidden``
+    units with ELU activations. Unlike :class:`ConvEncoder` it looks at levels as well as
+    changes and has more than one nonlinear layer, which suits short series whose parameters
+    are nonlinear functions of the whole curve (pharmacokinetics, say).
+    """
+
+    def __init__(
+        self, num_times: int, num_channels: int, *, hidden: int = 64, depth: int = 2
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"MLPEncoder: depth must be >= 1, got {depth}")
+        self.num_times, self.num_channels = num_times, num_channels
+        layers: list[nn.Module] = []
+        width = 2 * num_times * num_channels
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ELU()]
+            width = hidden
+        self.net = nn.Sequential(*layers)
+        self.out_features = hidden
+        self._config = dict(
+            num_times=num_times, num_channels=num_channels, hidden=hidden, depth=depth
+        )
+        self.register_buffer("y_scale", torch.ones(num_channels))
+        self.register_buffer("t_scale", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, data: Any) -> torch.Tensor:
+        y = data.observations
+        if y.shape[1:] != (self.num_times, self.num_channels):
+            raise ValueError(
+                f"MLPEncoder was built for (T, C) = {(self.num_times, self.num_channels)}, got "
+                f"{tuple(y.shape[1:])}; use MaskedEncoder for data of varying length"
+            )
+        if not bool(self.fitted):
+            self._fit_scales(data)
+        m = data.mask.to(y.dtype)
+        x = torch.cat([(y * m / self.y_scale).flatten(1), m.flatten(1)], -1)
+        return self.net(x)
+
+
 def make_encoder(config: dict[str, Any]) -> Encoder:
     """Rebuild an encoder from :meth:`Encoder.config`."""
     config = dict(config)
     kind = config.pop("type")
-    classes = {"ConvEncoder": ConvEncoder, "MaskedEncoder": MaskedEncoder}
+    classes = {"ConvEncoder": ConvEncoder, "MLPEncoder": MLPEncoder, "MaskedEncoder": MaskedEncoder}
     if kind not in classes:
         raise ValueError(f"unknown encoder type {kind!r}; known: {sorted(classes)}")
-    if kind == "ConvEncoder":
-        return ConvEncoder(config.pop("num_times"), config.pop("num_channels"), **config)
+    if kind in ("ConvEncoder", "MLPEncoder"):
+        cls = ConvEncoder if kind == "ConvEncoder" else MLPEncoder
+        return cls(config.pop("num_times"), config.pop("num_channels"), **config)
     return MaskedEncoder(config.pop("num_channels"), **config)

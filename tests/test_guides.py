@@ -13,7 +13,7 @@ from pyro.infer import Trace_ELBO
 
 import pyro_hds
 from pyro_hds.data import Dataset
-from pyro_hds.encoders import ConvEncoder, MaskedEncoder, make_encoder
+from pyro_hds.encoders import ConvEncoder, MaskedEncoder, MLPEncoder, make_encoder
 from pyro_hds.guides import AmortizedGuide
 
 
@@ -216,3 +216,27 @@ def test_full_local_covariance_is_the_gaussian_it_claims():
     assert AmortizedGuide.from_config(model, guide.config()).local_covariance == "full"
     with pytest.raises(ValueError, match="local_covariance"):
         AmortizedGuide(model, local_covariance="banded")
+
+
+def test_mlp_encoder_masks_shapes_and_round_trip():
+    data = make_data()
+    enc = MLPEncoder(data.num_times, data.num_channels, hidden=32, depth=3)
+    mask = data.mask.clone()
+    mask[:, 5:] = False
+    a = enc(data.replace(observations=torch.where(mask, data.observations, 0.0), mask=mask))
+    b = enc(data.replace(observations=torch.where(mask, data.observations, 9.0), mask=mask))
+    torch.testing.assert_close(a, b)  # unobserved values do not matter
+    assert a.shape == (12, 32)
+    # a missing value differs from an observed zero: the mask is an input
+    c = enc(data.replace(observations=torch.where(mask, data.observations, 0.0)))
+    assert not torch.allclose(a, c)
+    again = make_encoder(enc.config())
+    assert isinstance(again, MLPEncoder) and again.config() == enc.config()
+    with pytest.raises(ValueError, match="built for"):
+        enc(make_data(t=7))
+    with pytest.raises(ValueError, match="depth"):
+        MLPEncoder(5, 1, depth=0)
+    guide = AmortizedGuide(model, encoder=MLPEncoder(data.num_times, data.num_channels))
+    loss = pyro_hds.IWAE(num_particles=3).differentiable_loss(model, guide, data)
+    loss.backward()
+    assert guide.encoder.net[0].weight.grad is not None
