@@ -150,8 +150,7 @@ class MaskedObservation(TorchDistribution):
     def rsample(self, sample_shape: Any = torch.Size()) -> torch.Tensor:  # noqa: B008
         return self.base.expand(self.batch_shape + self.event_shape).rsample(sample_shape)
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        base = self._safe
+    def _log_prob(self, base: torch.distributions.Distribution, value: torch.Tensor):
         if type(base) is dist.Normal or type(base) is torch.distributions.Normal:
             z = (value - base.loc) / base.scale
             elementwise = -0.5 * z * z - torch.log(base.scale) - _HALF_LOG_2PI
@@ -159,10 +158,39 @@ class MaskedObservation(TorchDistribution):
             elementwise = base.log_prob(value)
         if self._mask is not None:
             elementwise = torch.where(self._mask, elementwise, elementwise.new_zeros(()))
-        lp = elementwise.sum((-2, -1))
+        return elementwise.sum((-2, -1))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        lp = self._log_prob(self._safe, value)
+        overflow = ~torch.isfinite(lp)
+        if self._bad is not None:
+            overflow = overflow & ~self._bad
+        if bool(overflow.any()):
+            lp = self._cut_overflow(value, lp, overflow)
         if self._bad is not None:
             lp = torch.where(self._bad, lp.new_full((), math.nan), lp)
         return lp
+
+    def _cut_overflow(self, value: torch.Tensor, lp: torch.Tensor, overflow: torch.Tensor):
+        """Rows whose finite parameters still give a non-finite log-density (a prediction so
+        far from the data that the square overflows, as a diverging fixed-step solve can
+        give) get log-density -inf (zero importance weight) with no gradient: their
+        parameters are detached before the arithmetic, so no ``0 * inf`` reaches shared
+        parameters."""
+        args = _arguments(self._safe)
+        if args is None:
+            return torch.where(overflow, lp.new_full((), -math.inf), lp)
+        rows = overflow.reshape((*overflow.shape, 1, 1))
+        cut = {
+            k: torch.where(rows, v.detach(), v) if v.is_floating_point() else v
+            for k, v in args.items()
+        }
+        try:
+            base = type(self._safe)(**cut)  # type: ignore[arg-type]
+        except TypeError:
+            return torch.where(overflow, lp.new_full((), -math.inf), lp)
+        lp = self._log_prob(base, value)
+        return torch.where(overflow, lp.new_full((), -math.inf), lp)
 
 
 def _check_observation_shape(

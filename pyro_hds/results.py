@@ -48,7 +48,8 @@ class Posterior:
     :ivar log_likelihood: observation site name -> ``(D, N)`` float64 log-likelihood of the
         observed data at each kept draw (for LOO over individuals).
     :ivar inner_bound: ``(D, N)`` float64 :math:`\\log \\frac1K \\sum_k w_{sik}` per draw.
-    :ivar pareto_k: ``(N,)`` mean over draws of the Pareto :math:`\\hat k` of the K weights.
+    :ivar pareto_k: ``(N,)`` median over outer draws of the Pareto :math:`\\hat k` of the K
+        weights (NaN for K < 25).
     :ivar ess: ``(N,)`` mean over draws of the weights' effective sample size (out of K).
     :ivar site_levels: site name -> "global", "group", "local" or "observed".
     """
@@ -255,7 +256,8 @@ class FitResult:
             "predictive": predictive,
             "loglik": loglik,
             "inner": weights.inner.double(),
-            "pareto_k": _pareto_k(lw.permute(0, 2, 1)).mean(0),
+            # median over outer draws: single draws with degenerate weights give huge k-hats
+            "pareto_k": _pareto_k(lw.permute(0, 2, 1)).nanmedian(0).values,
             "ess": _ess(lw).mean(0),
             "levels": levels,
             "weight": s,

@@ -55,6 +55,32 @@ def test_nonfinite_prediction_gives_nan_row_and_clean_gradients():
     torch.testing.assert_close(g, g2)
 
 
+def test_overflowing_prediction_gets_zero_weight_and_clean_gradients():
+    # a finite but enormous prediction (a diverging fixed-step solve in float32) makes the
+    # squared residual overflow: that row's log-density is -inf, and the gradients of a
+    # weighted sum (logsumexp, as the objective takes) stay finite and equal those without it
+    data = small_data().to(dtype=torch.float32)
+    f32 = torch.float32
+    sigma = torch.tensor(0.5, dtype=f32, requires_grad=True)
+    theta = torch.ones(3, 2, dtype=f32, requires_grad=True)  # per particle and individual
+    scale = torch.ones(3, 2, 2, 2, dtype=f32)
+    scale[2, 1] = 3e38  # particle 2, individual 1 blows up (finite; 3e38 / 0.5 is not)
+    loc = theta[..., None, None] * scale
+    lp = MaskedObservation(dist.Normal(loc, sigma), data.mask).log_prob(data.observations)
+    assert lp[2, 1] == -math.inf and torch.isfinite(lp[[0, 1]]).all() and torch.isfinite(lp[2, 0])
+    total = torch.logsumexp(lp, 0).sum()
+    g_sigma, g_theta = torch.autograd.grad(total, (sigma, theta))
+    assert torch.isfinite(g_sigma) and torch.isfinite(g_theta).all() and g_theta[2, 1] == 0
+    keep = torch.ones(3, 2, dtype=torch.bool)
+    keep[2, 1] = False
+    sigma2 = sigma.detach().clone().requires_grad_(True)
+    lp2 = MaskedObservation(dist.Normal(theta.detach()[..., None, None], sigma2), data.mask)
+    lp2 = lp2.log_prob(data.observations)
+    lp2 = torch.where(keep, lp2, torch.full_like(lp2, -math.inf))
+    (g2,) = torch.autograd.grad(torch.logsumexp(lp2, 0).sum(), sigma2)
+    torch.testing.assert_close(g_sigma, g2)
+
+
 def test_observe_checks_shapes_and_records_site():
     data = small_data()
 
