@@ -1,0 +1,205 @@
+r"""The prescribed double-receiver gene circuit of the vi-hds case study (DR_Constant).
+
+Engineered *E. coli* wells (Roeder et al., ICML 2019; equations and priors as the paper's
+``dr_constant`` model, summarised in ``../shared/VIHDS_REFERENCE.md``). Eight states per well,
+``y = (x, rfp, yfp, cfp, f510, f430, luxR, lasR)``: biomass (OD), the concentrations of three
+fluorescent proteins per cell, two autofluorescence terms and the two receptor proteins. With
+inputs :math:`c_6, c_{12}` (the inducers C6 and C12, nM), the growth rate
+:math:`\gamma = r\,\sigma(4 (t - t_{lag}))\,(1 - x / K)` and
+
+.. math::
+
+    B_R &= \mathrm{luxR}^2 \frac{(K_{R6} c_6)^{n_R} + (K_{R12} c_{12})^{n_R}}
+          {(1 + K_{R6} c_6 + K_{R12} c_{12})^{n_R}}, \qquad
+    B_S = \mathrm{lasR}^2 \frac{(K_{S6} c_6)^{n_S} + (K_{S12} c_{12})^{n_S}}
+          {(1 + K_{S6} c_6 + K_{S12} c_{12})^{n_S}}, \\
+    P_{76} &= \frac{e_{76} + K_{GR76} B_R + K_{GS76} B_S}{1 + K_{GR76} B_R + K_{GS76} B_S},
+    \qquad
+    P_{81} = \frac{e_{81} + K_{GR81} B_R + K_{GS81} B_S}{1 + K_{GR81} B_R + K_{GS81} B_S}, \\
+    \dot x &= \gamma x, \quad
+    \dot{\mathrm{rfp}} = r_c - (\gamma + d_{rfp})\,\mathrm{rfp}, \quad
+    \dot{\mathrm{yfp}} = r_c a_{YFP} P_{81} - (\gamma + d_{yfp})\,\mathrm{yfp}, \quad
+    \dot{\mathrm{cfp}} = r_c a_{CFP} P_{76} - (\gamma + d_{cfp})\,\mathrm{cfp}, \\
+    \dot f_{510} &= r_c\, \mathrm{auto}_Y - \gamma f_{510}, \quad
+    \dot f_{430} = r_c\, \mathrm{auto}_C - \gamma f_{430}, \quad
+    \dot{\mathrm{luxR}} = r_c a_R - (\gamma + d_R)\,\mathrm{luxR}, \quad
+    \dot{\mathrm{lasR}} = r_c a_S - (\gamma + d_S)\,\mathrm{lasR},
+
+from :math:`x(0) = 0.002` and all other states 0. Observed channels (OD, mRFP1, EYFP, ECFP):
+:math:`x`, :math:`x\,\mathrm{rfp}`, :math:`x (\mathrm{yfp} + f_{510})`,
+:math:`x (\mathrm{cfp} + f_{430})`, with Gaussian noise of one precision per channel.
+
+Hierarchy. Individual (well): :math:`r, K, t_{lag}, r_c`. Device: the receptor expression
+rates :math:`a_R` and :math:`a_S` are properties of the device's parts, so they are drawn per
+component (three LuxR parts, four LasR parts: population-level sites ``aR`` (3,) and ``aS``
+(4,)) and each device takes those of its components (read off ``data.group_features``). A device
+never seen in training but built from known parts thus has known receptor rates: the paper's
+zero-shot prediction. Population: the 25 other parameters. Priors are the paper's log-normals.
+
+Shapes: ``data`` is a :class:`~pyro_hds.Dataset` of the scaled plate-reader data (see
+:class:`pyro_hds.datasets.ChannelScaler`) with inputs ``(C6, C12)`` and group features
+``(G, 7)`` = one-hot LuxR part (3) then one-hot LasR part (4), as
+:func:`pyro_hds.datasets.load_vihds` builds them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+import pyro_hds
+from pyro_hds.data import Dataset
+from pyro_hds.solvers import Heun
+
+__all__ = [
+    "INDIVIDUAL_PRIORS",
+    "POPULATION_PRIORS",
+    "STATE_NAMES",
+    "model",
+    "observables",
+    "rhs",
+]
+
+STATE_NAMES = ("x", "rfp", "yfp", "cfp", "f510", "f430", "luxR", "lasR")
+NUM_LUXR_PARTS, NUM_LASR_PARTS = 3, 4
+
+#: log-normal priors (mean and SD of the log) of the population parameters
+POPULATION_PRIORS: dict[str, tuple[float, float]] = {
+    "prec_x": (8.0, 2.0),
+    "prec_rfp": (8.0, 2.0),
+    "prec_yfp": (8.0, 2.0),
+    "prec_cfp": (8.0, 2.0),
+    "e76": (-3.0, 1.0),
+    "e81": (-3.0, 1.0),
+    "KGR_76": (2.0, 3.0),
+    "KGR_81": (-2.0, 3.0),
+    "KGS_76": (-2.0, 3.0),
+    "KGS_81": (2.0, 3.0),
+    "KR6": (-6.0, 3.0),
+    "KR12": (-12.0, 3.0),
+    "KS6": (-12.0, 3.0),
+    "KS12": (-6.0, 3.0),
+    "nR": (1.0, 0.25),
+    "nS": (1.0, 0.25),
+    "aYFP": (0.0, 2.0),
+    "aCFP": (0.0, 2.0),
+    "dR": (-2.0, 1.0),
+    "dS": (-2.0, 1.0),
+    "drfp": (-2.0, 1.5),
+    "dyfp": (-2.0, 1.5),
+    "dcfp": (-2.0, 1.5),
+    "autoY": (-5.0, 2.0),
+    "autoC": (-5.0, 2.0),
+}
+#: per-part receptor expression rates (the device level), log-normal (1, 3) as in the paper
+PART_PRIOR = (1.0, 3.0)
+#: log-normal priors of the individual (well) parameters
+INDIVIDUAL_PRIORS: dict[str, tuple[float, float]] = {
+    "r": (0.0, 0.25),
+    "K": (1.0, 1 / math.sqrt(2.0)),
+    "tlag": (0.0, 1 / math.sqrt(2.0)),
+    "rc": (0.0, 2.0),
+}
+X0 = 0.002
+
+
+def _hill(k6, k12, c6, c12, n):
+    a, b = k6 * c6, k12 * c12
+    return (a.pow(n) + b.pow(n)) / (1 + a + b).pow(n)
+
+
+def rhs(t: torch.Tensor, y: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """dy/dt of the eight states ``y`` (..., 8); every entry of ``p`` broadcasts to (...)."""
+    x, rfp, yfp, cfp, f510, f430, lux, las = y.unbind(-1)
+    gamma = p["r"] * torch.sigmoid(4 * (t - p["tlag"])) * (1 - x / p["K"])
+    c6, c12 = p["c6"], p["c12"]
+    b_r = lux * lux * _hill(p["KR6"], p["KR12"], c6, c12, p["nR"])
+    b_s = las * las * _hill(p["KS6"], p["KS12"], c6, c12, p["nS"])
+    p76 = (p["e76"] + p["KGR_76"] * b_r + p["KGS_76"] * b_s) / (
+        1 + p["KGR_76"] * b_r + p["KGS_76"] * b_s
+    )
+    p81 = (p["e81"] + p["KGR_81"] * b_r + p["KGS_81"] * b_s) / (
+        1 + p["KGR_81"] * b_r + p["KGS_81"] * b_s
+    )
+    rc = p["rc"]
+    out = [
+        gamma * x,
+        rc - (gamma + p["drfp"]) * rfp,
+        rc * p["aYFP"] * p81 - (gamma + p["dyfp"]) * yfp,
+        rc * p["aCFP"] * p76 - (gamma + p["dcfp"]) * cfp,
+        rc * p["autoY"] - gamma * f510,
+        rc * p["autoC"] - gamma * f430,
+        rc * p["aR"] - (gamma + p["dR"]) * lux,
+        rc * p["aS"] - (gamma + p["dS"]) * las,
+    ]
+    return torch.stack(torch.broadcast_tensors(*out), -1)
+
+
+def observables(states: torch.Tensor) -> torch.Tensor:
+    """(OD, RFP, YFP, CFP) ``(..., T, 4)`` from the states ``(..., T, 8)``."""
+    x, rfp, yfp, cfp, f510, f430 = states[..., :6].unbind(-1)
+    return torch.stack([x, x * rfp, x * (yfp + f510), x * (cfp + f430)], -1)
+
+
+def _parts(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = data.group_features
+    if feats is None or feats.shape[-1] != NUM_LUXR_PARTS + NUM_LASR_PARTS:
+        raise ValueError(
+            "double_receiver.model: data.group_features must be the (G, 7) one-hot LuxR and "
+            "LasR parts of each device, as pyro_hds.datasets.load_vihds builds them"
+        )
+    lux = feats[:, :NUM_LUXR_PARTS].argmax(-1)
+    las = feats[:, NUM_LUXR_PARTS:].argmax(-1)
+    return lux[data.groups], las[data.groups]
+
+
+def model(data: Dataset, solver: object = None) -> None:
+    """DR_Constant as a Pyro model of a :class:`~pyro_hds.Dataset` minibatch of wells.
+
+    Sites: the population parameters of :data:`POPULATION_PRIORS` (scalars), ``aR`` (3,) and
+    ``aS`` (4,) per receptor part, the individual ``r, K, tlag, rc`` (N,), the trajectory
+    ``states`` (N, T, 8) and the observations ``y`` (N, T, 4). ``solver`` defaults to Heun's
+    method with one step per observation interval, as the paper.
+    """
+    solver = Heun() if solver is None else solver
+    obs = data.observations
+    one = obs.new_ones(())
+    glob = {
+        name: pyro.sample(name, dist.LogNormal(mu * one, sd))
+        for name, (mu, sd) in POPULATION_PRIORS.items()
+    }
+    a_r = pyro.sample(
+        "aR",
+        dist.LogNormal(PART_PRIOR[0] * one, PART_PRIOR[1]).expand([NUM_LUXR_PARTS]).to_event(1),
+    )
+    a_s = pyro.sample(
+        "aS",
+        dist.LogNormal(PART_PRIOR[0] * one, PART_PRIOR[1]).expand([NUM_LASR_PARTS]).to_event(1),
+    )
+    lux, las = _parts(data)
+    with pyro_hds.individuals(data):
+        local = {
+            name: pyro.sample(name, dist.LogNormal(mu * one, sd))
+            for name, (mu, sd) in INDIVIDUAL_PRIORS.items()
+        }
+        # globals carry a size-1 dim for the individuals plate, so they broadcast as they are;
+        # the per-part vectors (..., 1, P) drop it before picking each well's part
+        params = dict(glob)
+        params.update(local)
+        params["aR"] = (a_r.squeeze(-2) if a_r.dim() > 1 else a_r)[..., lux]
+        params["aS"] = (a_s.squeeze(-2) if a_s.dim() > 1 else a_s)[..., las]
+        params["c6"] = data.inputs[:, 0]
+        params["c12"] = data.inputs[:, 1]
+        y0 = torch.zeros(len(STATE_NAMES), dtype=obs.dtype, device=obs.device)
+        y0[0] = X0
+        states = pyro_hds.ode("states", rhs, y0, data.times, params, solver=solver, t0=0.0)
+        mean = observables(states)
+        precision = torch.stack(
+            [glob["prec_x"], glob["prec_rfp"], glob["prec_yfp"], glob["prec_cfp"]], -1
+        )
+        noise = precision.rsqrt().unsqueeze(-2)  # (..., 1, 1, 4): the time dim added
+        pyro_hds.observe("y", dist.Normal(mean, noise), data)

@@ -1,0 +1,108 @@
+"""The prescribed double-receiver model (DR_Constant) on the vi-hds plate-reader data."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+
+import pyro_hds
+from pyro_hds.datasets import ChannelScaler, folds, load_vihds
+from pyro_hds.models import double_receiver as dr
+
+try:
+    DATA = load_vihds(download=False)
+except FileNotFoundError:  # pragma: no cover - the shared data folder is part of the setup
+    DATA = None
+
+needs_data = pytest.mark.skipif(DATA is None, reason="vi-hds data not found (../shared/data)")
+
+
+def test_rhs_matches_the_equations_at_a_point():
+    p = {name: torch.tensor(math.exp(mu)) for name, (mu, _) in dr.POPULATION_PRIORS.items()}
+    p.update(r=torch.tensor(1.2), K=torch.tensor(2.5), tlag=torch.tensor(1.5))
+    p.update(rc=torch.tensor(0.8), aR=torch.tensor(3.0), aS=torch.tensor(0.5))
+    p.update(c6=torch.tensor(100.0), c12=torch.tensor(0.0))
+    y = torch.tensor([0.3, 0.2, 0.1, 0.05, 0.01, 0.02, 0.7, 0.4])
+    t = torch.tensor(2.0)
+    f = {k: float(v) for k, v in p.items()}
+    x, rfp, yfp, cfp, f510, f430, lux, las = y.tolist()
+    gamma = f["r"] / (1 + math.exp(-4 * (2.0 - f["tlag"]))) * (1 - x / f["K"])
+    a, b = f["KR6"] * 100.0, 0.0
+    b_r = lux**2 * (a ** f["nR"] + b ** f["nR"]) / (1 + a + b) ** f["nR"]
+    a, b = f["KS6"] * 100.0, 0.0
+    b_s = las**2 * (a ** f["nS"] + b ** f["nS"]) / (1 + a + b) ** f["nS"]
+    den76 = 1 + f["KGR_76"] * b_r + f["KGS_76"] * b_s
+    den81 = 1 + f["KGR_81"] * b_r + f["KGS_81"] * b_s
+    p76 = (f["e76"] + f["KGR_76"] * b_r + f["KGS_76"] * b_s) / den76
+    p81 = (f["e81"] + f["KGR_81"] * b_r + f["KGS_81"] * b_s) / den81
+    rc = f["rc"]
+    want = [
+        gamma * x,
+        rc - (gamma + f["drfp"]) * rfp,
+        rc * f["aYFP"] * p81 - (gamma + f["dyfp"]) * yfp,
+        rc * f["aCFP"] * p76 - (gamma + f["dcfp"]) * cfp,
+        rc * f["autoY"] - gamma * f510,
+        rc * f["autoC"] - gamma * f430,
+        rc * f["aR"] - (gamma + f["dR"]) * lux,
+        rc * f["aS"] - (gamma + f["dS"]) * las,
+    ]
+    torch.testing.assert_close(dr.rhs(t, y, p), torch.tensor(want), rtol=1e-12, atol=1e-15)
+    obs = dr.observables(y[None])
+    torch.testing.assert_close(
+        obs[0], torch.tensor([x, x * rfp, x * (yfp + f510), x * (cfp + f430)])
+    )
+
+
+@needs_data
+def test_sites_shapes_and_receptor_rates_come_from_parts():
+    assert DATA is not None
+    data = ChannelScaler().fit_transform(DATA)
+    wells = torch.tensor([0, 60, 100, 150, 200, 300])  # wells of several devices
+    sub = data[wells]
+    values = {"aR": torch.tensor([1.0, 2.0, 3.0]), "aS": torch.tensor([10.0, 20.0, 30.0, 40.0])}
+    tr = pyro.poutine.trace(pyro.poutine.condition(dr.model, values)).get_trace(sub)
+    assert tr.nodes["states"]["value"].shape == (6, 86, 8)
+    assert tr.nodes["y"]["fn"].batch_shape == (6,)
+    assert math.isfinite(float(tr.log_prob_sum()))
+    # the luxR state grows at rc aR at first: its ratio to the lasR state's reveals the parts
+    states = tr.nodes["states"]["value"]
+    feats = sub.group_features[sub.groups]
+    lux_part, las_part = feats[:, :3].argmax(-1), feats[:, 3:].argmax(-1)
+    ratio = states[:, 1, 6] / states[:, 1, 7]
+    d_r, d_s = float(tr.nodes["dR"]["value"]), float(tr.nodes["dS"]["value"])
+    expected = values["aR"][lux_part] / values["aS"][las_part]
+    # over the first interval (0.19 h) the degradations change the ratio by under |dR - dS| t
+    assert torch.allclose(ratio, expected, rtol=abs(d_r - d_s) * 0.2 + 0.02)
+
+
+@needs_data
+def test_short_training_improves_the_held_out_bound():
+    assert DATA is not None
+    train_idx, test_idx = folds(DATA, k=4, seed=0)[0]
+    train, test = DATA[torch.as_tensor(train_idx)], DATA[torch.as_tensor(test_idx)]
+    scaler = ChannelScaler().fit(train)  # on the training wells only
+    train, test = scaler.transform(train), scaler.transform(test)
+    test = test.replace(total_size=len(test), indices=torch.arange(len(test)))
+    train = train.to(dtype=torch.float32)
+    test = test.to(dtype=torch.float32)
+    pyro.clear_param_store()
+    result = pyro_hds.fit(
+        dr.model,
+        train,
+        objective=pyro_hds.IWAE(num_particles=10),
+        num_steps=30,
+        batch_size=36,
+        lr=0.01,
+        seed=0,
+        progress=False,
+        validation=test,
+        validate_every=10,
+        validation_particles=50,
+    )
+    bounds = [float(b) for b in result.history["val_bound"]]
+    assert len(bounds) == 3 and all(math.isfinite(b) for b in bounds)
+    assert bounds[-1] > bounds[0] + 100, bounds  # nats per well, from about -5000
+    pyro.clear_param_store()
