@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pyro_hds.guides import AmortizedGuide
 
     shape = (data.num_times, data.num_channels)
+    pyro.set_rng_seed(args.seed)  # the encoder's initial weights come from the generator now
     encoder = MLPEncoder(*shape) if args.encoder == "mlp" else ConvEncoder(*shape)
     result = pyro_hds.fit(
         pk_oral.model,

@@ -128,7 +128,9 @@ def fit(
     :param checkpoint: a file written atomically every ``checkpoint_every`` steps and at the end.
     :param resume: a checkpoint to continue from (``True``: the ``checkpoint`` file, if present).
         Continuing reproduces the uninterrupted fit on CPU.
-    :param seed: seeds Pyro's and torch's generators (None: leave them alone).
+    :param seed: seeds Pyro's and torch's generators (None: leave them alone). Networks built
+        before the call (an encoder passed to a guide) took their initial weights from the
+        generator's state at construction: seed before building them for a reproducible fit.
     :param progress: show a tqdm progress bar.
     :param tensorboard: a log directory for TensorBoard scalars (needs ``tensorboard``).
     :param callback: ``callback(step, loss)`` after every step.

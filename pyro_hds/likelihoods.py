@@ -175,16 +175,22 @@ class MaskedObservation(TorchDistribution):
         """Rows whose finite parameters still give a non-finite log-density (a prediction so
         far from the data that the square overflows, as a diverging fixed-step solve can
         give) get log-density -inf (zero importance weight) with no gradient: their
-        parameters are detached before the arithmetic, so no ``0 * inf`` reaches shared
-        parameters."""
+        parameters are replaced by a harmless constant before the arithmetic (the double-where
+        rule), so no ``0 * inf`` arises in the backward pass."""
         args = _arguments(self._safe)
         if args is None:
             return torch.where(overflow, lp.new_full((), -math.inf), lp)
         rows = overflow.reshape((*overflow.shape, 1, 1))
-        cut = {
-            k: torch.where(rows, v.detach(), v) if v.is_floating_point() else v
-            for k, v in args.items()
-        }
+        cut = {}
+        for k, v in args.items():
+            if not v.is_floating_point():
+                cut[k] = v
+                continue
+            try:  # a harmless point of the parameter's support, as for non-finite parameters
+                filler = biject_to(self._safe.arg_constraints[k])(v.new_zeros(()))
+            except NotImplementedError:
+                filler = v.new_ones(())
+            cut[k] = torch.where(rows, filler, v)
         try:
             base = type(self._safe)(**cut)  # type: ignore[arg-type]
         except TypeError:

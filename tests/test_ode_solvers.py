@@ -323,3 +323,22 @@ def test_site_is_visible_to_trace_and_predictive():
         pred["x"][..., 0], torch.exp(-pred["k"][..., None] * ts), atol=1e-3, rtol=0
     )
     assert not math.isnan(float(pred["x"].sum()))
+
+
+@pytest.mark.parametrize("solver", [RK4(substeps=20), Dopri5()], ids=["rk4", "dopri5"])
+def test_a_state_beyond_the_square_root_of_the_largest_float_counts_as_failed(solver):
+    # in float32, e^50 = 5e21 is finite but its square is not: a Gaussian likelihood of it, or
+    # the backward pass of a division by it, would give inf or 0 * inf
+    k = torch.tensor([0.1, 1.0], dtype=torch.float32, requires_grad=True)
+    ts = torch.linspace(0.0, 50.0, 6, dtype=torch.float32)
+    sol = solve(
+        lambda t, y, p: p["k"].unsqueeze(-1) * y,
+        torch.ones(1, dtype=torch.float32),
+        ts,
+        {"k": k},
+        solver=solver,
+    )
+    assert sol.status.tolist() == [Status.SUCCESS, Status.NONFINITE]
+    assert float(sol.ys.detach().abs().max()) <= torch.finfo(torch.float32).max ** 0.5
+    (g,) = torch.autograd.grad((sol.ys / sol.ys.square().sum()).sum(), k)
+    assert torch.isfinite(g).all()

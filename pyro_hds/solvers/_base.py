@@ -35,7 +35,8 @@ class Status(enum.IntEnum):
 
 _MESSAGES = {
     Status.SUCCESS: "the solution reached every requested time",
-    Status.NONFINITE: "the state became NaN or infinite (the ODE diverged for these parameters)",
+    Status.NONFINITE: "the state became NaN, infinite or larger than the square root of the "
+    "dtype's largest number (the ODE diverged for these parameters)",
     Status.MAX_STEPS: "the adaptive solver took max_steps steps before the last time",
     Status.STEP_TOO_SMALL: "the adaptive step size underflowed (a stiff or singular system)",
 }

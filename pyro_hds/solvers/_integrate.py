@@ -55,6 +55,19 @@ _E = (
 )
 
 
+def _limit(y: torch.Tensor) -> float:
+    """The largest magnitude a state may reach: the square root of the dtype's largest
+    number. Beyond it a square (any Gaussian likelihood) overflows and the backward pass
+    of a model's arithmetic on the state produces ``0 * inf``; such a state counts as failed,
+    like a non-finite one."""
+    return float(torch.finfo(y.dtype).max) ** 0.5
+
+
+def _healthy(y: torch.Tensor, limit: float) -> torch.Tensor:
+    """``(B,)``: every entry of the row finite and at most ``limit`` in magnitude."""
+    return (y.abs() <= limit).all(-1)
+
+
 def _col(h: torch.Tensor) -> torch.Tensor:
     return h.unsqueeze(-1) if h.dim() else h
 
@@ -126,6 +139,7 @@ def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, subste
     """
     step = FIXED_METHODS[method]
     b = y0.shape[0]
+    limit = _limit(y0)
     shared = sched.points.shape[0] == 1
     points = sched.points[0] if shared else sched.points
     # a shared grid without gradient: the step is a Python number (no tensor arithmetic)
@@ -145,11 +159,11 @@ def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, subste
                 y_new = _subset_step(step, f, t, y, h, ~dead)
             else:
                 y_new = step(f, t, y, h)
-            bad = ~torch.isfinite(y_new).all(-1) & ~dead
+            bad = ~_healthy(y_new, limit) & ~dead
             while bool(bad.any()):
                 dead = dead | bad
                 y_new = _subset_step(step, f, t, y, h, ~dead)
-                bad = ~torch.isfinite(y_new).all(-1) & ~dead
+                bad = ~_healthy(y_new, limit) & ~dead
             y = y_new
             t = t + h
         return y, dead
@@ -165,9 +179,8 @@ def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, subste
                 f.segment_start = t_cur  # type: ignore[attr-defined]
                 y = step(f, t_cur, y, h)
                 t_cur = t_cur + h
-            # one reduction detects any NaN or inf (an overflowing sum of finite values only
-            # costs the elementwise check)
-            if not bool(torch.isfinite(y.sum())) and not bool(torch.isfinite(y).all()):
+            # one reduction detects any NaN, inf or diverging value (NaN fails the comparison)
+            if not bool(y.abs().amax() <= limit):
                 y, dead = careful(y_start, t, h, dead)
                 any_dead = bool(dead.any())
         if any_dead:
@@ -252,6 +265,7 @@ def integrate_dopri5(
     """
     b = y0.shape[0]
     dev, dt = y0.device, y0.dtype
+    limit = _limit(y0)
     num_points = sched.points.shape[1]
     last_point = num_points - 1
     all_points = sched.points.expand(b, num_points)
@@ -366,10 +380,13 @@ def integrate_dopri5(
             ratio = err.div_(scale).square_().mean(-1).sqrt_().mul_(h_eff)
             # a non-finite last stage makes the error estimate non-finite (its weight is not
             # 0), so the ratio and the new state cover every stage
-            all_finite = bool(torch.isfinite(ratio.sum() + y5.sum()))
+            all_finite = bool(torch.isfinite(ratio.sum())) and bool(y5.abs().amax() <= limit)
+            diverged = None
             if not all_finite:
-                finite = torch.isfinite(ratio) & torch.isfinite(y5).all(-1)
+                finite = torch.isfinite(ratio) & _healthy(y5, limit)
                 all_finite = bool(finite.all())  # else a sum overflowed, no element did
+                # finite but beyond the limit: a smaller step will not help, stop the element
+                diverged = active & torch.isfinite(y5).all(-1) & ~_healthy(y5, limit)
         if not all_finite:
             # run the step again without the failing elements, so that their values leave
             # no trace in the autograd graph
@@ -408,6 +425,9 @@ def integrate_dopri5(
             over = active & ~tiny & (steps >= max_steps) & ~(accept & clipped)
             status = torch.where(over, int(Status.MAX_STEPS), status)
             active = active & ~(tiny | over)
+            if diverged is not None:
+                status = torch.where(diverged, int(Status.NONFINITE), status)
+                active = active & ~diverged
         acc = accept.unsqueeze(-1)
         y = torch.where(acc, y5, y)
         k1 = torch.where(acc, k7, k1)
