@@ -108,8 +108,17 @@ X0 = 0.002
 
 
 def _hill(k6, k12, c6, c12, n):
+    """:math:`(a^n + b^n) / (1 + a + b)^n` with :math:`a = K_6 c_6, b = K_{12} c_{12}`, computed
+    as :math:`(a / s)^n + (b / s)^n`, :math:`s = 1 + a + b`: both ratios lie in [0, 1], so
+    no power overflows however large the affinities get during training."""
     a, b = k6 * c6, k12 * c12
-    return (a.pow(n) + b.pow(n)) / (1 + a + b).pow(n)
+    s = 1 + a + b
+    return (a / s).pow(n) + (b / s).pow(n)
+
+
+def _promoter(e, x):
+    """:math:`(e + x) / (1 + x)` as :math:`1 - (1 - e) / (1 + x)`: finite for any x >= 0."""
+    return 1 - (1 - e) / (1 + x)
 
 
 def rhs(t: torch.Tensor, y: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -119,12 +128,8 @@ def rhs(t: torch.Tensor, y: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torc
     c6, c12 = p["c6"], p["c12"]
     b_r = lux * lux * _hill(p["KR6"], p["KR12"], c6, c12, p["nR"])
     b_s = las * las * _hill(p["KS6"], p["KS12"], c6, c12, p["nS"])
-    p76 = (p["e76"] + p["KGR_76"] * b_r + p["KGS_76"] * b_s) / (
-        1 + p["KGR_76"] * b_r + p["KGS_76"] * b_s
-    )
-    p81 = (p["e81"] + p["KGR_81"] * b_r + p["KGS_81"] * b_s) / (
-        1 + p["KGR_81"] * b_r + p["KGS_81"] * b_s
-    )
+    p76 = _promoter(p["e76"], p["KGR_76"] * b_r + p["KGS_76"] * b_s)
+    p81 = _promoter(p["e81"], p["KGR_81"] * b_r + p["KGS_81"] * b_s)
     rc = p["rc"]
     out = [
         gamma * x,
