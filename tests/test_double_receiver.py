@@ -106,3 +106,41 @@ def test_short_training_improves_the_held_out_bound():
     assert len(bounds) == 3 and all(math.isfinite(b) for b in bounds)
     assert bounds[-1] > bounds[0] + 100, bounds  # nats per well, from about -5000
     pyro.clear_param_store()
+
+
+@needs_data
+def test_zero_shot_prediction_for_a_device_never_seen():
+    # train without any R33S32 well; its parts (LuxR R33, LasR S32) appear in other devices, so
+    # its receptor rates and the encoder's device description are known: the held-out bound of
+    # its wells must rise with training although none of them was seen
+    from pyro_hds.datasets import heldout_device_split
+
+    assert DATA is not None
+    train_idx, test_idx = heldout_device_split(DATA, "R33S32")
+    train, test = DATA[torch.as_tensor(train_idx)], DATA[torch.as_tensor(test_idx)]
+    scaler = ChannelScaler().fit(train)
+    train = scaler.transform(train).to(dtype=torch.float32)
+    test = scaler.transform(test).to(dtype=torch.float32)
+    test = test.replace(total_size=len(test), indices=torch.arange(len(test)))
+    assert set(test.groups.tolist()) == {DATA.group_names.index("R33S32")}
+    assert DATA.group_names.index("R33S32") not in set(train.groups.tolist())
+    pyro.clear_param_store()
+    result = pyro_hds.fit(
+        dr.model,
+        train,
+        objective=pyro_hds.IWAE(num_particles=10),
+        num_steps=30,
+        batch_size=36,
+        lr=0.01,
+        seed=0,
+        progress=False,
+        validation=test,
+        validate_every=10,
+        validation_particles=50,
+    )
+    bounds = [float(b) for b in result.history["val_bound"]]
+    assert all(math.isfinite(b) for b in bounds) and bounds[-1] > bounds[0] + 100, bounds
+    post = result.predict(test, num_samples=20, num_particles=5, seed=0)
+    assert post.samples["r"].shape == (20, len(test))
+    assert torch.isfinite(post.predictive["y"]).all()
+    pyro.clear_param_store()
