@@ -59,9 +59,11 @@ __all__ = [
     "INDIVIDUAL_PRIORS",
     "POPULATION_PRIORS",
     "STATE_NAMES",
+    "constant_terms",
     "model",
     "observables",
     "rhs",
+    "rhs_constant_terms",
 ]
 
 STATE_NAMES = ("x", "rfp", "yfp", "cfp", "f510", "f430", "luxR", "lasR")
@@ -116,30 +118,62 @@ def _hill(k6, k12, c6, c12, n):
     return (a / s).pow(n) + (b / s).pow(n)
 
 
-def _promoter(e, x):
-    """:math:`(e + x) / (1 + x)` as :math:`1 - (1 - e) / (1 + x)`: finite for any x >= 0."""
-    return 1 - (1 - e) / (1 + x)
-
-
 def rhs(t: torch.Tensor, y: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """dy/dt of the eight states ``y`` (..., 8); every entry of ``p`` broadcasts to (...)."""
-    x, rfp, yfp, cfp, f510, f430, lux, las = y.unbind(-1)
-    gamma = p["r"] * torch.sigmoid(4 * (t - p["tlag"])) * (1 - x / p["K"])
-    c6, c12 = p["c6"], p["c12"]
-    b_r = lux * lux * _hill(p["KR6"], p["KR12"], c6, c12, p["nR"])
-    b_s = las * las * _hill(p["KS6"], p["KS12"], c6, c12, p["nS"])
-    p76 = _promoter(p["e76"], p["KGR_76"] * b_r + p["KGS_76"] * b_s)
-    p81 = _promoter(p["e81"], p["KGR_81"] * b_r + p["KGS_81"] * b_s)
+    return rhs_constant_terms(t, y, constant_terms(p))
+
+
+def constant_terms(p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parts of the right-hand side that depend on neither time nor state: the receptor
+    occupancy factors (Hill terms), the production rates ``rc * a`` and ``1 - e``. Computing
+    them once per solve instead of at every evaluation removes about a third of the
+    operations of each step (forward and backward)."""
     rc = p["rc"]
+    return {
+        "r": p["r"],
+        "K": p["K"],
+        "tlag": p["tlag"],
+        "hill_R": _hill(p["KR6"], p["KR12"], p["c6"], p["c12"], p["nR"]),
+        "hill_S": _hill(p["KS6"], p["KS12"], p["c6"], p["c12"], p["nS"]),
+        "KGR_76": p["KGR_76"],
+        "KGS_76": p["KGS_76"],
+        "KGR_81": p["KGR_81"],
+        "KGS_81": p["KGS_81"],
+        "off_76": 1 - p["e76"],
+        "off_81": 1 - p["e81"],
+        "rc": rc,
+        "prod_yfp": rc * p["aYFP"],
+        "prod_cfp": rc * p["aCFP"],
+        "prod_f510": rc * p["autoY"],
+        "prod_f430": rc * p["autoC"],
+        "prod_luxR": rc * p["aR"],
+        "prod_lasR": rc * p["aS"],
+        "drfp": p["drfp"],
+        "dyfp": p["dyfp"],
+        "dcfp": p["dcfp"],
+        "dR": p["dR"],
+        "dS": p["dS"],
+    }
+
+
+def rhs_constant_terms(t: torch.Tensor, y: torch.Tensor, q: Mapping[str, torch.Tensor]):
+    """:func:`rhs` from :func:`constant_terms` ``q`` (what :func:`model` integrates)."""
+    x, rfp, yfp, cfp, f510, f430, lux, las = y.unbind(-1)
+    gamma = q["r"] * torch.sigmoid(4 * (t - q["tlag"])) * (1 - x / q["K"])
+    b_r = lux * lux * q["hill_R"]
+    b_s = las * las * q["hill_S"]
+    # promoter activity (e + X) / (1 + X) = 1 - (1 - e) / (1 + X), finite for any X >= 0
+    p76 = 1 - q["off_76"] / (1 + q["KGR_76"] * b_r + q["KGS_76"] * b_s)
+    p81 = 1 - q["off_81"] / (1 + q["KGR_81"] * b_r + q["KGS_81"] * b_s)
     out = [
         gamma * x,
-        rc - (gamma + p["drfp"]) * rfp,
-        rc * p["aYFP"] * p81 - (gamma + p["dyfp"]) * yfp,
-        rc * p["aCFP"] * p76 - (gamma + p["dcfp"]) * cfp,
-        rc * p["autoY"] - gamma * f510,
-        rc * p["autoC"] - gamma * f430,
-        rc * p["aR"] - (gamma + p["dR"]) * lux,
-        rc * p["aS"] - (gamma + p["dS"]) * las,
+        q["rc"] - (gamma + q["drfp"]) * rfp,
+        q["prod_yfp"] * p81 - (gamma + q["dyfp"]) * yfp,
+        q["prod_cfp"] * p76 - (gamma + q["dcfp"]) * cfp,
+        q["prod_f510"] - gamma * f510,
+        q["prod_f430"] - gamma * f430,
+        q["prod_luxR"] - (gamma + q["dR"]) * lux,
+        q["prod_lasR"] - (gamma + q["dS"]) * las,
     ]
     return torch.stack(torch.broadcast_tensors(*out), -1)
 
@@ -201,7 +235,15 @@ def model(data: Dataset, solver: object = None) -> None:
         params["c12"] = data.inputs[:, 1]
         y0 = torch.zeros(len(STATE_NAMES), dtype=obs.dtype, device=obs.device)
         y0[0] = X0
-        states = pyro_hds.ode("states", rhs, y0, data.times, params, solver=solver, t0=0.0)
+        states = pyro_hds.ode(
+            "states",
+            rhs_constant_terms,
+            y0,
+            data.times,
+            constant_terms(params),
+            solver=solver,
+            t0=0.0,
+        )
         mean = observables(states)
         precision = torch.stack(
             [glob["prec_x"], glob["prec_rfp"], glob["prec_yfp"], glob["prec_cfp"]], -1
