@@ -234,4 +234,6 @@ def observe(name: str, fn: torch.distributions.Distribution, data: Dataset) -> t
     the log-likelihood.
     """
     _check_observation_shape(name, fn, data)
-    return pyro.sample(name, MaskedObservation(fn, data.mask), obs=data.observations)
+    # a fully observed data set needs no mask (it would cost a select over (K, N, T, C))
+    mask = None if bool(data.mask.all()) else data.mask
+    return pyro.sample(name, MaskedObservation(fn, mask), obs=data.observations)

@@ -116,3 +116,20 @@ def test_quick_run():
             if r[2].startswith("pyro_hds"):
                 assert r[8] == r[9] == "1.00", r
     assert "target >= 3" in out
+
+
+@pytest.mark.skipif(
+    not (ROOT.parent / "shared" / "data" / "vi-hds").exists(),
+    reason="vi-hds data not found (../shared/data)",
+)
+def test_vihds_epoch_quick_run():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vihds_epoch.py"), "--quick", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "234 training wells" in proc.stdout and "7 steps per epoch" in proc.stdout
+    assert re.search(r"pyro_hds: \S+ m?s per epoch \(median of 1\)", proc.stdout), proc.stdout

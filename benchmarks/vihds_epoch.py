@@ -1,0 +1,101 @@
+r"""Time per training epoch of the prescribed double-receiver model (DR_Constant), vi-hds setting.
+
+The issue's speed target compares an epoch of pyro_hds with one of the reference implementation
+(microsoft/vi-hds) on the same machine: 234 training wells (fold 0 of 4), minibatches of 36
+wells (7 per epoch), K importance particles, Heun's method with one step per observation
+interval, float32. This script measures pyro_hds: one ``pyro_hds.fit`` of ``--epochs`` + 1
+epochs without validation, timed at every epoch boundary; the first epoch (which pays the
+set-up: tracing the model, building the guide) is left out and the median of the others is
+printed.
+
+The reference is not run here (its code may not be committed or built by project scripts);
+its figure, measured on a machine of this kind with two threads at K = 200, is quoted from
+``../shared/VIHDS_REFERENCE.md``: 2.46 s per epoch (p10-p90 2.30-2.77). Run the reference beside
+this script on the same machine before drawing a conclusion from a ratio.
+
+Run: ``python benchmarks/vihds_epoch.py --particles 200 --threads 2`` (the reference's setting);
+``--quick`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import pyro
+import torch
+from _common import environment, format_seconds, set_threads
+
+import pyro_hds
+from pyro_hds.datasets import ChannelScaler, folds, load_vihds
+from pyro_hds.models import double_receiver as dr
+
+#: the reference's seconds per epoch at K = 200, two threads (VIHDS_REFERENCE.md)
+REFERENCE_EPOCH_S = 2.46
+BATCH = 36
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--particles", type=int, default=200, help="IWAE particles K")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (median)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: K = 5, 1 epoch")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.particles, args.epochs = 5, 1
+    if args.particles < 1 or args.epochs < 1:
+        parser.error("--particles and --epochs must be >= 1")
+    set_threads(args.threads)
+    print(f"# {environment()}")
+    data = load_vihds(download=False)
+    train_idx, _ = folds(data, k=4, seed=0)[0]
+    train = ChannelScaler().fit_transform(data[torch.as_tensor(train_idx)])
+    train = train.to(dtype=torch.float32)
+    steps = -(-len(train) // BATCH)  # minibatches per epoch
+    print(
+        f"# DR_Constant, {len(train)} training wells, batch {BATCH} ({steps} steps per epoch), "
+        f"K = {args.particles}, Heun one step per interval, float32"
+    )
+    pyro.clear_param_store()
+    stamps: list[float] = []
+
+    def callback(step: int, loss: float) -> None:
+        # fit() calls back after every step; an epoch ends every `steps` steps
+        if (step + 1) % steps == 0:
+            stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    pyro_hds.fit(
+        dr.model,
+        train,
+        objective=pyro_hds.IWAE(num_particles=args.particles),
+        num_steps=steps * (args.epochs + 1),
+        batch_size=BATCH,
+        lr=0.01,
+        seed=0,
+        progress=False,
+        callback=callback,
+    )
+    bounds = [start, *stamps]
+    times = [b - a for a, b in itertools.pairwise(bounds)]
+    print(f"warm-up epoch (set-up included): {format_seconds(times[0])}")
+    for i, t in enumerate(times[1:], 1):
+        print(f"epoch {i}: {format_seconds(t)}", flush=True)
+    times = times[1:]
+    median = statistics.median(times)
+    print(f"\npyro_hds: {format_seconds(median)} per epoch (median of {len(times)})")
+    if args.particles == 200 and args.threads == 2:
+        print(
+            f"reference (VIHDS_REFERENCE.md, not run here): {REFERENCE_EPOCH_S} s per epoch; "
+            f"ratio reference / pyro_hds = {REFERENCE_EPOCH_S / median:.2f} (target >= 5)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
