@@ -133,3 +133,28 @@ def test_vihds_epoch_quick_run():
     assert proc.returncode == 0, proc.stderr
     assert "234 training wells" in proc.stdout and "7 steps per epoch" in proc.stdout
     assert re.search(r"pyro_hds: \S+ m?s per epoch \(median of 1\)", proc.stdout), proc.stdout
+
+
+@pytest.mark.skipif(
+    not (ROOT.parent / "shared" / "data" / "vi-hds").exists(),
+    reason="vi-hds data not found (../shared/data)",
+)
+def test_vihds_cv_quick_run():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vihds_cv.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [
+        "fold 0",
+        "fold 1",
+        "mean of 2 folds (sd)",
+        "zero-shot R33S32",
+    ]
+    # every split has a finite bound; the two folds' test wells cover all 312
+    assert sum(int(r.split("|")[2]) for r in rows[1:3]) == 312
+    assert all(math.isfinite(float(r.split("|")[3].split()[0])) for r in rows[1:])
