@@ -61,6 +61,7 @@ __all__ = [
     "STATE_NAMES",
     "constant_terms",
     "model",
+    "model_growth",
     "observables",
     "rhs",
     "rhs_constant_terms",
@@ -97,6 +98,8 @@ POPULATION_PRIORS: dict[str, tuple[float, float]] = {
     "autoY": (-5.0, 2.0),
     "autoC": (-5.0, 2.0),
 }
+#: DR_Growth's coupling of production to growth, es (population), log-normal (-2, 1)
+GROWTH_PRIOR = (-2.0, 1.0)
 #: per-part receptor expression rates (the device level), log-normal (1, 3) as in the paper
 PART_PRIOR = (1.0, 3.0)
 #: log-normal priors of the individual (well) parameters
@@ -153,27 +156,42 @@ def constant_terms(p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "dcfp": p["dcfp"],
         "dR": p["dR"],
         "dS": p["dS"],
+        **({"es": p["es"]} if "es" in p else {}),
     }
 
 
 def rhs_constant_terms(t: torch.Tensor, y: torch.Tensor, q: Mapping[str, torch.Tensor]):
     """:func:`rhs` from :func:`constant_terms` ``q`` (what :func:`model` integrates)."""
     x, rfp, yfp, cfp, f510, f430, lux, las = y.unbind(-1)
-    gamma = q["r"] * torch.sigmoid(4 * (t - q["tlag"])) * (1 - x / q["K"])
+    growing = q["r"] * torch.sigmoid(4 * (t - q["tlag"]))
+    gamma = growing * (1 - x / q["K"])
+    # DR_Growth: production scales with (1 - es) r sigmoid(4 (t - tlag)) + es
+    m = (1 - q["es"]) * growing + q["es"] if "es" in q else None
     b_r = lux * lux * q["hill_R"]
     b_s = las * las * q["hill_S"]
     # promoter activity (e + X) / (1 + X) = 1 - (1 - e) / (1 + X), finite for any X >= 0
     p76 = 1 - q["off_76"] / (1 + q["KGR_76"] * b_r + q["KGS_76"] * b_s)
     p81 = 1 - q["off_81"] / (1 + q["KGR_81"] * b_r + q["KGS_81"] * b_s)
+    production = [
+        q["rc"],
+        q["prod_yfp"] * p81,
+        q["prod_cfp"] * p76,
+        q["prod_f510"],
+        q["prod_f430"],
+        q["prod_luxR"],
+        q["prod_lasR"],
+    ]
+    if m is not None:
+        production = [m * term for term in production]
     out = [
         gamma * x,
-        q["rc"] - (gamma + q["drfp"]) * rfp,
-        q["prod_yfp"] * p81 - (gamma + q["dyfp"]) * yfp,
-        q["prod_cfp"] * p76 - (gamma + q["dcfp"]) * cfp,
-        q["prod_f510"] - gamma * f510,
-        q["prod_f430"] - gamma * f430,
-        q["prod_luxR"] - (gamma + q["dR"]) * lux,
-        q["prod_lasR"] - (gamma + q["dS"]) * las,
+        production[0] - (gamma + q["drfp"]) * rfp,
+        production[1] - (gamma + q["dyfp"]) * yfp,
+        production[2] - (gamma + q["dcfp"]) * cfp,
+        production[3] - gamma * f510,
+        production[4] - gamma * f430,
+        production[5] - (gamma + q["dR"]) * lux,
+        production[6] - (gamma + q["dS"]) * las,
     ]
     return torch.stack(torch.broadcast_tensors(*out), -1)
 
@@ -196,20 +214,28 @@ def _parts(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return lux[data.groups], las[data.groups]
 
 
-def model(data: Dataset, solver: object = None) -> None:
+def model_growth(data: Dataset, solver: object = None) -> None:
+    r"""DR_Growth: :func:`model` with every production rate :math:`r_c` multiplied by
+    :math:`(1 - e_s)\, r\, \sigma(4 (t - t_{lag})) + e_s` (production coupled to the growth
+    rate), with the population parameter ``es`` ~ LogNormal(-2, 1)."""
+    model(data, solver, growth=True)
+
+
+def model(data: Dataset, solver: object = None, growth: bool = False) -> None:
     """DR_Constant as a Pyro model of a :class:`~pyro_hds.Dataset` minibatch of wells.
 
     Sites: the population parameters of :data:`POPULATION_PRIORS` (scalars), ``aR`` (3,) and
     ``aS`` (4,) per receptor part, the individual ``r, K, tlag, rc`` (N,), the trajectory
     ``states`` (N, T, 8) and the observations ``y`` (N, T, 4). ``solver`` defaults to Heun's
-    method with one step per observation interval, as the paper.
+    method with one step per observation interval, as the paper. ``growth=True`` gives
+    DR_Growth (see :func:`model_growth`).
     """
     solver = Heun() if solver is None else solver
     obs = data.observations
     one = obs.new_ones(())
+    priors = dict(POPULATION_PRIORS, **({"es": GROWTH_PRIOR} if growth else {}))
     glob = {
-        name: pyro.sample(name, dist.LogNormal(mu * one, sd))
-        for name, (mu, sd) in POPULATION_PRIORS.items()
+        name: pyro.sample(name, dist.LogNormal(mu * one, sd)) for name, (mu, sd) in priors.items()
     }
     a_r = pyro.sample(
         "aR",

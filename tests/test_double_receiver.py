@@ -144,3 +144,29 @@ def test_zero_shot_prediction_for_a_device_never_seen():
     assert post.samples["r"].shape == (20, len(test))
     assert torch.isfinite(post.predictive["y"]).all()
     pyro.clear_param_store()
+
+
+def test_growth_variant_scales_every_production_term():
+    p = {name: torch.tensor(math.exp(mu)) for name, (mu, _) in dr.POPULATION_PRIORS.items()}
+    p.update(r=torch.tensor(1.2), K=torch.tensor(2.5), tlag=torch.tensor(1.5))
+    p.update(rc=torch.tensor(0.8), aR=torch.tensor(3.0), aS=torch.tensor(0.5))
+    p.update(c6=torch.tensor(100.0), c12=torch.tensor(0.0))
+    y = torch.tensor([0.3, 0.2, 0.1, 0.05, 0.01, 0.02, 0.7, 0.4])
+    t = torch.tensor(2.0)
+    base = dr.rhs(t, y, p)
+    es = 0.2
+    m = (1 - es) * 1.2 / (1 + math.exp(-4 * (2.0 - 1.5))) + es
+    grown = dr.rhs(t, y, dict(p, es=torch.tensor(es)))
+    # production = d/dt + loss; the loss terms are the same in both
+    zero = dict(p, rc=torch.tensor(0.0))
+    loss = dr.rhs(t, y, zero)
+    torch.testing.assert_close(grown - loss, m * (base - loss), rtol=1e-12, atol=1e-15)
+
+
+@needs_data
+def test_growth_model_has_its_coupling_site():
+    assert DATA is not None
+    data = ChannelScaler().fit_transform(DATA)[torch.arange(4)]
+    tr = pyro.poutine.trace(dr.model_growth).get_trace(data)
+    assert "es" in tr.nodes and tr.nodes["states"]["value"].shape == (4, 86, 8)
+    assert math.isfinite(float(tr.log_prob_sum()))
