@@ -113,7 +113,10 @@ def fit(
     :param data: the training :class:`~pyro_hds.Dataset` (N individuals). Any other object
         (e.g. a dict of tensors for a model without an individuals plate) is passed to the
         model whole at every step.
-    :param guide: defaults to ``AmortizedGuide(model)``.
+    :param guide: defaults to ``AmortizedGuide(model)``. A guide that has not run yet starts
+        from an empty Pyro parameter store (parameters that earlier code put there, e.g. by
+        another fit, are cleared; earlier :class:`~pyro_hds.FitResult` objects keep theirs);
+        a guide that has already been trained continues from its parameters.
     :param objective: defaults to ``IWAE(num_particles=10)``; any Pyro ELBO works too
         (``Trace_ELBO(vectorize_particles=True, num_particles=..., max_plate_nesting=1)``).
     :param num_steps: optimisation steps (one minibatch each).
@@ -173,6 +176,11 @@ def fit(
         from pyro_hds.guides import AmortizedGuide
 
         guide = AmortizedGuide(model)
+    if getattr(guide, "prototype_trace", False) is None:
+        # a guide that has never run: start from an empty parameter store, so that the
+        # parameters of an earlier fit (same site names) do not leak in as a silent warm start
+        # (earlier FitResults keep their own parameters)
+        pyro.clear_param_store()
     if objective is None:
         objective = IWAE(num_particles=10)
     if not hasattr(objective, "differentiable_loss"):

@@ -20,6 +20,8 @@ unreliable there) and by the weights' effective sample size
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -123,6 +125,17 @@ def _ess(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.exp(2 * torch.logsumexp(lw, 1) - torch.logsumexp(2 * lw, 1))
 
 
+def _own_parameters(method):
+    """Run a :class:`FitResult` method inside :meth:`FitResult.parameters`."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.parameters():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class FitResult:
     """The outcome of :func:`pyro_hds.fit`: model, trained guide, data and training history.
 
@@ -138,6 +151,25 @@ class FitResult:
         self.data = data
         self.objective = objective
         self.history = history or {"step": [], "loss": [], "val_step": [], "val_bound": []}
+        # Pyro keeps parameters in one global store; a result remembers its own (the same
+        # tensor objects) and puts them back while it works, so that a later fit() or
+        # pyro.clear_param_store() cannot change what an earlier result computes
+        self._store_state = pyro.get_param_store().get_state()
+
+    @contextlib.contextmanager
+    def parameters(self):
+        """Context in which Pyro's parameter store holds exactly this result's parameters (the
+        store's previous content is put back afterwards). Every method uses it; use it to run
+        the model or guide by hand, e.g. with ``pyro.infer.Predictive``."""
+        store = pyro.get_param_store()
+        saved = store.get_state()
+        store.clear()
+        store.set_state(self._store_state)
+        try:
+            yield self
+        finally:
+            store.clear()
+            store.set_state(saved)
 
     # -- draws --------------------------------------------------------------------------------
 
@@ -146,6 +178,7 @@ class FitResult:
             return int(num_particles)
         return int(getattr(self.objective, "num_particles", 10))
 
+    @_own_parameters
     def posterior(
         self,
         data: Any = None,
@@ -318,6 +351,7 @@ class FitResult:
         """
         return self.posterior(new_data, num_samples, num_particles, seed=seed)
 
+    @_own_parameters
     def encode(
         self, new_data: Any, num_samples: int = 1000, *, seed: int | None = None
     ) -> dict[str, torch.Tensor]:
@@ -352,6 +386,7 @@ class FitResult:
             out[name] = value.reshape(num_samples, *event) if level == "global" else value
         return out
 
+    @_own_parameters
     def evaluate(
         self,
         data: Any = None,
@@ -383,6 +418,7 @@ class FitResult:
 
     # -- ArviZ --------------------------------------------------------------------------------
 
+    @_own_parameters
     def to_arviz(self, data: Any = None, num_samples: int = 1000, num_particles: int | None = None):
         """An ArviZ ``xarray.DataTree`` of the posterior (see :func:`pyro_hds.to_datatree`)."""
         from pyro_hds.arviz import to_datatree
@@ -392,6 +428,7 @@ class FitResult:
 
     # -- save / load --------------------------------------------------------------------------
 
+    @_own_parameters
     def save(self, path: str | os.PathLike) -> None:
         """Write the trained parameters, guide options, history and data to ``path``.
 

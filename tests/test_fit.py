@@ -221,3 +221,23 @@ def test_encode_draws_from_the_guide_without_the_model(small_data):
     assert ((log_cl.std(0) - scale).abs() < 5 * scale / math.sqrt(2 * 4000)).all()
     with pytest.raises(ValueError, match="num_samples"):
         result.encode(new, num_samples=0)
+
+
+def test_results_keep_their_parameters_and_fits_do_not_leak(small_data):
+    data, _ = small_data
+    first = _fit(data, steps=10, seed=6)
+    before = first.encode(data, num_samples=5, seed=0)["cl"]
+    fresh = _params()
+    # a second fit of the same model and settings starts from scratch: same parameters
+    second = _fit(data, steps=10, seed=6)
+    again = _params()
+    for k in fresh:
+        torch.testing.assert_close(again[k], fresh[k], rtol=0, atol=0)
+    # a different fit, then clearing the store: the first result still computes the same
+    _fit(data, steps=15, seed=9)
+    pyro.clear_param_store()
+    after = first.encode(data, num_samples=5, seed=0)["cl"]
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert second.encode(data, num_samples=5, seed=0)["cl"].shape == before.shape
+    with first.parameters():
+        assert set(pyro.get_param_store().keys()) == set(fresh)
