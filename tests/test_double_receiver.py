@@ -170,3 +170,41 @@ def test_growth_model_has_its_coupling_site():
     tr = pyro.poutine.trace(dr.model_growth).get_trace(data)
     assert "es" in tr.nodes and tr.nodes["states"]["value"].shape == (4, 86, 8)
     assert math.isfinite(float(tr.log_prob_sum()))
+
+
+@needs_data
+def test_blackbox_model_trains_its_network_and_improves_the_held_out_bound():
+    from pyro_hds.models import double_receiver_blackbox as bb
+
+    assert DATA is not None
+    train_idx, test_idx = folds(DATA, k=4, seed=0)[0]
+    train, test = DATA[torch.as_tensor(train_idx)], DATA[torch.as_tensor(test_idx)]
+    scaler = ChannelScaler().fit(train)
+    train = scaler.transform(train).to(dtype=torch.float32)
+    test = scaler.transform(test).to(dtype=torch.float32)
+    test = test.replace(total_size=len(test), indices=torch.arange(len(test)))
+    model = bb.make_model()
+    tr = pyro.poutine.trace(model).get_trace(train[torch.arange(3)])
+    assert tr.nodes["z"]["value"].shape == (3, 5)
+    assert tr.nodes["states"]["value"].shape == (3, 86, 10)
+    assert (tr.nodes["states"]["value"][..., 6:] > 0).all()  # variances stay positive
+    assert model.network is not None
+    before = model.network.species[0].weight.detach().clone()
+    pyro.clear_param_store()
+    result = pyro_hds.fit(
+        model,
+        train,
+        objective=pyro_hds.IWAE(num_particles=10),
+        num_steps=30,
+        batch_size=36,
+        lr=0.005,
+        seed=0,
+        progress=False,
+        validation=test,
+        validate_every=10,
+        validation_particles=20,
+    )
+    bounds = [float(b) for b in result.history["val_bound"]]
+    assert all(math.isfinite(b) for b in bounds) and bounds[-1] > bounds[0] + 50, bounds
+    assert not torch.equal(model.network.species[0].weight.detach(), before)
+    pyro.clear_param_store()
