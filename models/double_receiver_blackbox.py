@@ -41,24 +41,27 @@ from pyro_hds.solvers import Heun
 __all__ = ["BlackboxDynamics", "BlackboxModel", "make_model"]
 
 NUM_SPECIES, NUM_VARIANCES, LATENT_DIM = 6, 4, 5
+GLOBAL_DIM, DEVICE_DIM = 5, 2  # DR_HierarchicalBlackbox's population and device codes
 
 
 class BlackboxDynamics(nn.Module):
     """The two networks of the module docstring; ``forward(t, y, p) -> dy/dt``.
 
-    ``y`` is ``(B, 10)`` (six species, four variances); ``p["z"]`` ``(B, 5)`` and ``p["u"]``
-    ``(B, F)`` (log inputs and device features) are per system.
+    ``y`` is ``(B, 10)`` (six species, four variances); ``p["z"]`` ``(B, num_codes)`` (the
+    latent codes) and ``p["u"]`` ``(B, F)`` (log inputs and device features) are per system.
     """
 
-    def __init__(self, num_features: int, hidden: int = 50, hidden_var: int = 25) -> None:
+    def __init__(
+        self, num_features: int, hidden: int = 50, hidden_var: int = 25, num_codes: int = LATENT_DIM
+    ) -> None:
         super().__init__()
         self.species = nn.Sequential(
-            nn.Linear(NUM_SPECIES + LATENT_DIM + num_features, hidden),
+            nn.Linear(NUM_SPECIES + num_codes + num_features, hidden),
             nn.Tanh(),
             nn.Linear(hidden, 2 * NUM_SPECIES),
         )
         self.variances = nn.Sequential(
-            nn.Linear(NUM_SPECIES + NUM_VARIANCES + LATENT_DIM + num_features, hidden_var),
+            nn.Linear(NUM_SPECIES + NUM_VARIANCES + num_codes + num_features, hidden_var),
             nn.Tanh(),
             nn.Linear(hidden_var, 2 * NUM_VARIANCES),
         )
@@ -94,20 +97,36 @@ class BlackboxModel:
     holds.
     """
 
-    def __init__(self, solver: object = None) -> None:
+    def __init__(self, solver: object = None, hierarchical: bool = False) -> None:
         self.solver = Heun() if solver is None else solver
+        self.hierarchical = bool(hierarchical)
         self.network: BlackboxDynamics | None = None
 
     def __call__(self, data: Dataset) -> None:
         obs = data.observations
         u = _features(data)
+        codes = LATENT_DIM + (GLOBAL_DIM + DEVICE_DIM if self.hierarchical else 0)
         if self.network is None:
-            self.network = BlackboxDynamics(u.shape[-1]).to(dtype=obs.dtype, device=obs.device)
-        net = pyro.module("dr_blackbox", self.network)
-        with pyro_hds.individuals(data):
-            z = pyro.sample(
-                "z", dist.Normal(obs.new_zeros(LATENT_DIM), obs.new_ones(LATENT_DIM)).to_event(1)
+            widths = (25, 20) if self.hierarchical else (50, 25)
+            self.network = BlackboxDynamics(u.shape[-1], *widths, num_codes=codes).to(
+                dtype=obs.dtype, device=obs.device
             )
+        net = pyro.module("dr_blackbox", self.network)
+
+        def standard(dim: int):
+            return dist.Normal(obs.new_zeros(dim), obs.new_ones(dim)).to_event(1)
+
+        if self.hierarchical:
+            x = pyro.sample("x", standard(GLOBAL_DIM))  # (..., 1, 5): population
+            with pyro_hds.groups(data):
+                w = pyro.sample("w", standard(DEVICE_DIM))  # (..., G, 2): device
+        with pyro_hds.individuals(data):
+            z = pyro.sample("z", standard(LATENT_DIM))
+            if self.hierarchical:
+                # the population code has a size-1 dim for the individuals plate already
+                parts = (x, w[..., data.groups, :], z)
+                batch = torch.broadcast_shapes(*(c.shape[:-1] for c in parts))
+                z = torch.cat([c.expand(*batch, c.shape[-1]) for c in parts], -1)
             y0 = obs.new_full((NUM_SPECIES + NUM_VARIANCES,), 1e-3)
             y0[0] = 2e-3
             y0[NUM_SPECIES:] = 1e-5
@@ -129,6 +148,13 @@ class BlackboxModel:
             pyro_hds.observe("y", dist.Normal(mean, scale), data)
 
 
-def make_model(solver: object = None) -> BlackboxModel:
-    """A new DR_Blackbox model with its own (untrained) dynamics network."""
-    return BlackboxModel(solver)
+def make_model(solver: object = None, hierarchical: bool = False) -> BlackboxModel:
+    """A new DR_Blackbox model with its own (untrained) dynamics network.
+
+    ``hierarchical=True`` gives DR_HierarchicalBlackbox: the network also reads a population
+    code ``x`` ~ N(0, I_5) (one for all wells) and a device code ``w`` ~ N(0, I_2) (one per
+    device, in the groups plate), beside each well's ``z``; hidden widths 25 and 20 as the
+    paper's. With group features in the data the guide maps a device's parts to its code, so
+    unseen part combinations get one.
+    """
+    return BlackboxModel(solver, hierarchical=hierarchical)

@@ -208,3 +208,26 @@ def test_blackbox_model_trains_its_network_and_improves_the_held_out_bound():
     assert all(math.isfinite(b) for b in bounds) and bounds[-1] > bounds[0] + 50, bounds
     assert not torch.equal(model.network.species[0].weight.detach(), before)
     pyro.clear_param_store()
+
+
+@needs_data
+def test_hierarchical_blackbox_has_population_device_and_well_codes():
+    from pyro_hds.models import double_receiver_blackbox as bb
+
+    assert DATA is not None
+    data = ChannelScaler().fit_transform(DATA).to(dtype=torch.float32)
+    model = bb.make_model(hierarchical=True)
+    tr = pyro.poutine.trace(model).get_trace(data[torch.arange(0, 312, 40)])
+    assert tr.nodes["x"]["value"].shape == (5,)
+    assert tr.nodes["w"]["value"].shape == (6, 2)
+    assert tr.nodes["z"]["value"].shape == (8, 5)
+    assert math.isfinite(float(tr.log_prob_sum().detach()))
+    guide = pyro_hds.AmortizedGuide(model)
+    guide(data[torch.arange(8)])
+    assert guide.levels == {"x": "global", "w": "group", "z": "local"}
+    # the IWAE loss is finite with particle plates on every level
+    loss = pyro_hds.IWAE(num_particles=3, num_outer_particles=2).differentiable_loss(
+        model, guide, data[torch.arange(8)]
+    )
+    assert torch.isfinite(loss)
+    pyro.clear_param_store()
