@@ -44,12 +44,15 @@ Shapes: ``data`` is a :class:`~pyro_hds.Dataset` of the scaled plate-reader data
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import torch
+from torch import nn
 
 import pyro_hds
 from pyro_hds.data import Dataset
@@ -59,7 +62,10 @@ __all__ = [
     "INDIVIDUAL_PRIORS",
     "POPULATION_PRIORS",
     "STATE_NAMES",
+    "HybridModel",
+    "PromoterNetwork",
     "constant_terms",
+    "make_hybrid_model",
     "model",
     "model_growth",
     "observables",
@@ -138,12 +144,18 @@ def constant_terms(p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "tlag": p["tlag"],
         "hill_R": _hill(p["KR6"], p["KR12"], p["c6"], p["c12"], p["nR"]),
         "hill_S": _hill(p["KS6"], p["KS12"], p["c6"], p["c12"], p["nS"]),
-        "KGR_76": p["KGR_76"],
-        "KGS_76": p["KGS_76"],
-        "KGR_81": p["KGR_81"],
-        "KGS_81": p["KGS_81"],
-        "off_76": 1 - p["e76"],
-        "off_81": 1 - p["e81"],
+        **(
+            {
+                "KGR_76": p["KGR_76"],
+                "KGS_76": p["KGS_76"],
+                "KGR_81": p["KGR_81"],
+                "KGS_81": p["KGS_81"],
+                "off_76": 1 - p["e76"],
+                "off_81": 1 - p["e81"],
+            }
+            if "e76" in p
+            else {}
+        ),
         "rc": rc,
         "prod_yfp": rc * p["aYFP"],
         "prod_cfp": rc * p["aCFP"],
@@ -160,8 +172,13 @@ def constant_terms(p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def rhs_constant_terms(t: torch.Tensor, y: torch.Tensor, q: Mapping[str, torch.Tensor]):
-    """:func:`rhs` from :func:`constant_terms` ``q`` (what :func:`model` integrates)."""
+def rhs_constant_terms(
+    t: torch.Tensor, y: torch.Tensor, q: Mapping[str, torch.Tensor], promoter=None
+) -> torch.Tensor:
+    """:func:`rhs` from :func:`constant_terms` ``q`` (what :func:`model` integrates).
+
+    ``promoter``: for the hybrid model, a callable ``(B_R, B_S) -> (P76, P81)`` replacing the
+    prescribed promoter functions."""
     x, rfp, yfp, cfp, f510, f430, lux, las = y.unbind(-1)
     growing = q["r"] * torch.sigmoid(4 * (t - q["tlag"]))
     gamma = growing * (1 - x / q["K"])
@@ -169,9 +186,12 @@ def rhs_constant_terms(t: torch.Tensor, y: torch.Tensor, q: Mapping[str, torch.T
     m = (1 - q["es"]) * growing + q["es"] if "es" in q else None
     b_r = lux * lux * q["hill_R"]
     b_s = las * las * q["hill_S"]
-    # promoter activity (e + X) / (1 + X) = 1 - (1 - e) / (1 + X), finite for any X >= 0
-    p76 = 1 - q["off_76"] / (1 + q["KGR_76"] * b_r + q["KGS_76"] * b_s)
-    p81 = 1 - q["off_81"] / (1 + q["KGR_81"] * b_r + q["KGS_81"] * b_s)
+    if promoter is not None:
+        p76, p81 = promoter(b_r, b_s)
+    else:
+        # promoter activity (e + X) / (1 + X) = 1 - (1 - e) / (1 + X), finite for any X >= 0
+        p76 = 1 - q["off_76"] / (1 + q["KGR_76"] * b_r + q["KGS_76"] * b_s)
+        p81 = 1 - q["off_81"] / (1 + q["KGR_81"] * b_r + q["KGS_81"] * b_s)
     production = [
         q["rc"],
         q["prod_yfp"] * p81,
@@ -221,7 +241,50 @@ def model_growth(data: Dataset, solver: object = None) -> None:
     model(data, solver, growth=True)
 
 
-def model(data: Dataset, solver: object = None, growth: bool = False) -> None:
+PROMOTER_SITES = ("e76", "e81", "KGR_76", "KGR_81", "KGS_76", "KGS_81")
+
+
+class PromoterNetwork(nn.Module):
+    r"""The hybrid model's promoter response: ``(B_R, B_S) -> (P76, P81)`` in (0, 1), a small
+    network of :math:`\log(1 + B)` (16 tanh units, sigmoid outputs)."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+
+    def forward(self, b_r: torch.Tensor, b_s: torch.Tensor):
+        b_r, b_s = torch.broadcast_tensors(b_r, b_s)
+        x = torch.stack([torch.log1p(b_r), torch.log1p(b_s)], -1)
+        out = torch.sigmoid(self.net(x))
+        return out[..., 0], out[..., 1]
+
+
+class HybridModel:
+    """The hybrid double receiver: prescribed growth, receptor expression and inducer binding
+    (as DR_Constant), with the two promoter responses learned by a :class:`PromoterNetwork`
+    instead of the prescribed :math:`(e + K_{GR} B_R + K_{GS} B_S) / (1 + ...)`; the six
+    promoter parameters are dropped. The object owns its network (registered with
+    ``pyro.module("dr_hybrid_promoter", ...)`` and trained by :func:`pyro_hds.fit`); make a new
+    one (:func:`make_hybrid_model`) for an independent fit."""
+
+    def __init__(self, solver: object = None) -> None:
+        self.solver = solver
+        self.promoter: PromoterNetwork | None = None
+
+    def __call__(self, data: Dataset) -> None:
+        obs = data.observations
+        if self.promoter is None:
+            self.promoter = PromoterNetwork().to(dtype=obs.dtype, device=obs.device)
+        net = pyro.module("dr_hybrid_promoter", self.promoter)
+        model(data, self.solver, promoter=net)
+
+
+def make_hybrid_model(solver: object = None) -> HybridModel:
+    """A new hybrid double-receiver model with its own (untrained) promoter network."""
+    return HybridModel(solver)
+
+
+def model(data: Dataset, solver: object = None, growth: bool = False, promoter: Any = None) -> None:
     """DR_Constant as a Pyro model of a :class:`~pyro_hds.Dataset` minibatch of wells.
 
     Sites: the population parameters of :data:`POPULATION_PRIORS` (scalars), ``aR`` (3,) and
@@ -234,6 +297,8 @@ def model(data: Dataset, solver: object = None, growth: bool = False) -> None:
     obs = data.observations
     one = obs.new_ones(())
     priors = dict(POPULATION_PRIORS, **({"es": GROWTH_PRIOR} if growth else {}))
+    if promoter is not None:  # the hybrid model learns the promoter response instead
+        priors = {k: v for k, v in priors.items() if k not in PROMOTER_SITES}
     glob = {
         name: pyro.sample(name, dist.LogNormal(mu * one, sd)) for name, (mu, sd) in priors.items()
     }
@@ -261,9 +326,12 @@ def model(data: Dataset, solver: object = None, growth: bool = False) -> None:
         params["c12"] = data.inputs[:, 1]
         y0 = torch.zeros(len(STATE_NAMES), dtype=obs.dtype, device=obs.device)
         y0[0] = X0
+        f: Any = rhs_constant_terms
+        if promoter is not None:
+            f = functools.partial(rhs_constant_terms, promoter=promoter)
         states = pyro_hds.ode(
             "states",
-            rhs_constant_terms,
+            f,
             y0,
             data.times,
             constant_terms(params),

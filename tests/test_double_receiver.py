@@ -231,3 +231,52 @@ def test_hierarchical_blackbox_has_population_device_and_well_codes():
     )
     assert torch.isfinite(loss)
     pyro.clear_param_store()
+
+
+def test_hybrid_promoter_network_replaces_the_promoter_functions():
+    net = dr.PromoterNetwork()
+    p = {name: torch.tensor(math.exp(mu)) for name, (mu, _) in dr.POPULATION_PRIORS.items()}
+    p.update(r=torch.tensor(1.2), K=torch.tensor(2.5), tlag=torch.tensor(1.5))
+    p.update(rc=torch.tensor(0.8), aR=torch.tensor(3.0), aS=torch.tensor(0.5))
+    p.update(c6=torch.tensor(100.0), c12=torch.tensor(0.0))
+    y = torch.tensor([0.3, 0.2, 0.1, 0.05, 0.01, 0.02, 0.7, 0.4])
+    t = torch.tensor(2.0)
+    q = dr.constant_terms(p)
+    out = dr.rhs_constant_terms(t, y, q, promoter=net)
+    b_r = y[6] ** 2 * q["hill_R"]
+    b_s = y[7] ** 2 * q["hill_S"]
+    with torch.no_grad():
+        out = out.detach()
+        p76, p81 = net(b_r, b_s)
+    assert 0 < float(p76) < 1 and 0 < float(p81) < 1
+    gamma = 1.2 / (1 + math.exp(-2.0)) * (1 - 0.3 / 2.5)
+    want_yfp = float(q["prod_yfp"]) * float(p81) - (gamma + p["dyfp"]) * 0.1
+    want_cfp = float(q["prod_cfp"]) * float(p76) - (gamma + p["dcfp"]) * 0.05
+    torch.testing.assert_close(out[2], torch.tensor(want_yfp), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out[3], torch.tensor(want_cfp), rtol=1e-9, atol=1e-12)
+    # every other component is the prescribed model's
+    base = dr.rhs(t, y, p)
+    keep = [0, 1, 4, 5, 6, 7]
+    torch.testing.assert_close(out[keep], base[keep], rtol=1e-12, atol=1e-15)
+
+
+@needs_data
+def test_hybrid_model_drops_the_promoter_sites_and_trains():
+    assert DATA is not None
+    data = ChannelScaler().fit_transform(DATA).to(dtype=torch.float32)
+    model = dr.make_hybrid_model()
+    tr = pyro.poutine.trace(model).get_trace(data[torch.arange(4)])
+    assert not set(dr.PROMOTER_SITES) & set(tr.nodes)
+    assert {"KR6", "aR", "r"} <= set(tr.nodes)
+    assert math.isfinite(float(tr.log_prob_sum().detach()))
+    pyro.clear_param_store()
+    result = pyro_hds.fit(
+        model,
+        data[torch.arange(72)],
+        objective=pyro_hds.IWAE(num_particles=5),
+        num_steps=3,
+        batch_size=36,
+        progress=False,
+    )
+    assert any(k.startswith("dr_hybrid_promoter") for k in result._store_state["params"])
+    pyro.clear_param_store()
