@@ -380,7 +380,7 @@ def integrate_dopri5(
             ratio = err.div_(scale).square_().mean(-1).sqrt_().mul_(h_eff)
             # a non-finite last stage makes the error estimate non-finite (its weight is not
             # 0), so the ratio and the new state cover every stage
-            all_finite = bool(torch.isfinite(ratio.sum())) and bool(y5.abs().amax() <= limit)
+            all_finite = bool(torch.isfinite(ratio.sum()) & (y5.abs().amax() <= limit))
             diverged = None
             if not all_finite:
                 finite = torch.isfinite(ratio) & _healthy(y5, limit)
