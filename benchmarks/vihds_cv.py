@@ -30,7 +30,7 @@ import torch
 from _common import environment, format_seconds, set_threads
 
 import pyro_hds
-from pyro_hds.datasets import ChannelScaler, folds, heldout_device_split, load_vihds
+from pyro_hds.datasets import folds, heldout_device_split, load_vihds, train_test
 from pyro_hds.models import double_receiver as dr
 
 BATCH = 36
@@ -52,11 +52,7 @@ def make_model(name: str):
 
 def run_split(data, train_idx, test_idx, args) -> tuple[float, float, int]:
     """Fit on ``train_idx`` and return (mean held-out bound per well, fit seconds, test wells)."""
-    train, test = data[torch.as_tensor(train_idx)], data[torch.as_tensor(test_idx)]
-    scaler = ChannelScaler().fit(train)
-    train = scaler.transform(train).to(dtype=torch.float32)
-    test = scaler.transform(test).to(dtype=torch.float32)
-    test = test.replace(total_size=len(test), indices=torch.arange(len(test)))
+    train, test = train_test(data, train_idx, test_idx, dtype=torch.float32)
     steps_per_epoch = -(-len(train) // BATCH)
     pyro.clear_param_store()
     model, lr = make_model(args.model)

@@ -31,7 +31,7 @@ import torch
 from _common import environment, format_seconds, set_threads
 
 import pyro_hds
-from pyro_hds.datasets import ChannelScaler, folds, load_vihds
+from pyro_hds.datasets import folds, load_vihds, train_test
 from pyro_hds.models import double_receiver as dr
 
 #: the reference's seconds per epoch at K = 200, two threads (VIHDS_REFERENCE.md)
@@ -53,9 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(args.threads)
     print(f"# {environment()}")
     data = load_vihds(download=False)
-    train_idx, _ = folds(data, k=4, seed=0)[0]
-    train = ChannelScaler().fit_transform(data[torch.as_tensor(train_idx)])
-    train = train.to(dtype=torch.float32)
+    train, _ = train_test(data, *folds(data, k=4, seed=0)[0], dtype=torch.float32)
     steps = -(-len(train) // BATCH)  # minibatches per epoch
     print(
         f"# DR_Constant, {len(train)} training wells, batch {BATCH} ({steps} steps per epoch), "

@@ -249,6 +249,15 @@ class Dataset:
             indices=self.indices[j],
         )
 
+    def standalone(self) -> Dataset:
+        """This set of individuals as a data set of its own: ``total_size = len(self)`` and
+        ``indices = 0..N-1`` (a subset ``data[idx]`` otherwise remembers the set it was cut
+        from, and the individuals plate would scale it as a minibatch of that set)."""
+        if self.total_size == len(self):
+            return self
+        n = len(self)
+        return self.replace(total_size=n, indices=torch.arange(n, device=self.indices.device))
+
     def replace(self, **changes: Any) -> Dataset:
         """A copy with some attributes replaced (no re-validation beyond shapes)."""
         state = {k: getattr(self, k) for k in _FIELDS}

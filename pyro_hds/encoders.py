@@ -39,6 +39,25 @@ class Encoder(nn.Module, abc.ABC):
         """Constructor options (ints, floats, strings), for saving a guide."""
         return {"type": type(self).__name__, **self._config}
 
+    def _register_scales(self, num_channels: int) -> None:
+        """The scale buffers every encoder keeps (fixed from the first data seen)."""
+        self.register_buffer("y_scale", torch.ones(num_channels))
+        self.register_buffer("t_scale", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def _grid_observations(self, data: Any, num_times: int, num_channels: int) -> torch.Tensor:
+        """``data.observations`` after checking the shared-grid shape ``(N, T, C)`` this
+        encoder was built for, fixing the scales on first use."""
+        y = data.observations
+        if y.shape[1:] != (num_times, num_channels):
+            raise ValueError(
+                f"{type(self).__name__} was built for (T, C) = {(num_times, num_channels)}, got "
+                f"{tuple(y.shape[1:])}; use MaskedEncoder for data of varying length"
+            )
+        if not bool(self.fitted):
+            self._fit_scales(data)
+        return y
+
     def _fit_scales(self, data: Any) -> None:
         y = data.observations.abs() * data.mask
         scale = y.amax(dim=(0, 1)).clamp(min=1e-12)
@@ -86,19 +105,10 @@ class ConvEncoder(Encoder):
             pool=pool,
             hidden=hidden,
         )
-        self.register_buffer("y_scale", torch.ones(num_channels))
-        self.register_buffer("t_scale", torch.ones(()))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._register_scales(num_channels)
 
     def forward(self, data: Any) -> torch.Tensor:
-        y = data.observations
-        if y.shape[1:] != (self.num_times, self.num_channels):
-            raise ValueError(
-                f"ConvEncoder was built for (T, C) = {(self.num_times, self.num_channels)}, got "
-                f"{tuple(y.shape[1:])}; use MaskedEncoder for data of varying length"
-            )
-        if not bool(self.fitted):
-            self._fit_scales(data)
+        y = self._grid_observations(data, self.num_times, self.num_channels)
         x = (y * data.mask) / self.y_scale
         x = (x[:, 1:] - x[:, :-1]).transpose(1, 2)  # (N, C, T - 1)
         h = self.pool(self.conv(x)).flatten(1)
@@ -123,9 +133,7 @@ class MaskedEncoder(Encoder):
         self.dense = nn.Linear(2 * hidden, hidden)
         self.out_features = hidden
         self._config = dict(num_channels=num_channels, hidden=hidden)
-        self.register_buffer("y_scale", torch.ones(num_channels))
-        self.register_buffer("t_scale", torch.ones(()))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._register_scales(num_channels)
 
     def forward(self, data: Any) -> torch.Tensor:
         y, m = data.observations, data.mask
@@ -178,19 +186,10 @@ class MLPEncoder(Encoder):
         self._config = dict(
             num_times=num_times, num_channels=num_channels, hidden=hidden, depth=depth
         )
-        self.register_buffer("y_scale", torch.ones(num_channels))
-        self.register_buffer("t_scale", torch.ones(()))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._register_scales(num_channels)
 
     def forward(self, data: Any) -> torch.Tensor:
-        y = data.observations
-        if y.shape[1:] != (self.num_times, self.num_channels):
-            raise ValueError(
-                f"MLPEncoder was built for (T, C) = {(self.num_times, self.num_channels)}, got "
-                f"{tuple(y.shape[1:])}; use MaskedEncoder for data of varying length"
-            )
-        if not bool(self.fitted):
-            self._fit_scales(data)
+        y = self._grid_observations(data, self.num_times, self.num_channels)
         m = data.mask.to(y.dtype)
         x = torch.cat([(y * m / self.y_scale).flatten(1), m.flatten(1)], -1)
         return self.net(x)

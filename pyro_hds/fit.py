@@ -150,10 +150,9 @@ def fit(
         n = len(data)
         if n == 0:
             raise ValueError("fit(): the data set has no individuals")
-        if data.total_size != n:
-            # a subset (e.g. the training folds data[train]) is the whole training set here:
-            # minibatches must be scaled by its own size, not by the size it was cut from
-            data = data.replace(total_size=n, indices=torch.arange(n, device=data.indices.device))
+        # a subset (e.g. the training folds data[train]) is the whole training set here:
+        # minibatches must be scaled by its own size, not by the size it was cut from
+        data = data.standalone()
     elif batch_size is not None:
         raise ValueError(
             "fit(batch_size=...): minibatches need a pyro_hds.Dataset; other data are passed "

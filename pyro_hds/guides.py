@@ -297,12 +297,6 @@ class AmortizedGuide(AutoGuide):
                 self._last_coefs[name] = lin(x).reshape(n, size, -1)  # (N, size, D_before)
         return out
 
-    def local_coefficients(self, data: Any) -> dict[str, torch.Tensor]:
-        """``{site: B}`` of the full-covariance local guide: ``(N, size, D_before)`` per site
-        after the first (empty for ``local_covariance="diagonal"``)."""
-        self.local_distributions(data)
-        return dict(self._last_coefs)
-
     # -- the guide ----------------------------------------------------------------------------
 
     def _distribution(self, name: str, loc: torch.Tensor, scale: torch.Tensor):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyro_hds
-from pyro_hds.datasets import ChannelScaler, folds, load_vihds
+from pyro_hds.datasets import ChannelScaler, folds, heldout_device_split, load_vihds, train_test
 from pyro_hds.models import double_receiver as dr
 
 try:
@@ -18,6 +18,25 @@ except FileNotFoundError:  # pragma: no cover - the shared data folder is part o
     DATA = None
 
 needs_data = pytest.mark.skipif(DATA is None, reason="vi-hds data not found (../shared/data)")
+
+
+def _validated_fit(model, train, test, *, lr, particles):
+    """30 steps (K = 10, batch 36) with the held-out bound logged every 10: (result, bounds)."""
+    pyro.clear_param_store()
+    result = pyro_hds.fit(
+        model,
+        train,
+        objective=pyro_hds.IWAE(num_particles=10),
+        num_steps=30,
+        batch_size=36,
+        lr=lr,
+        seed=0,
+        progress=False,
+        validation=test,
+        validate_every=10,
+        validation_particles=particles,
+    )
+    return result, [float(b) for b in result.history["val_bound"]]
 
 
 def test_rhs_matches_the_equations_at_a_point():
@@ -81,28 +100,8 @@ def test_sites_shapes_and_receptor_rates_come_from_parts():
 @needs_data
 def test_short_training_improves_the_held_out_bound():
     assert DATA is not None
-    train_idx, test_idx = folds(DATA, k=4, seed=0)[0]
-    train, test = DATA[torch.as_tensor(train_idx)], DATA[torch.as_tensor(test_idx)]
-    scaler = ChannelScaler().fit(train)  # on the training wells only
-    train, test = scaler.transform(train), scaler.transform(test)
-    test = test.replace(total_size=len(test), indices=torch.arange(len(test)))
-    train = train.to(dtype=torch.float32)
-    test = test.to(dtype=torch.float32)
-    pyro.clear_param_store()
-    result = pyro_hds.fit(
-        dr.model,
-        train,
-        objective=pyro_hds.IWAE(num_particles=10),
-        num_steps=30,
-        batch_size=36,
-        lr=0.01,
-        seed=0,
-        progress=False,
-        validation=test,
-        validate_every=10,
-        validation_particles=50,
-    )
-    bounds = [float(b) for b in result.history["val_bound"]]
+    train, test = train_test(DATA, *folds(DATA, k=4, seed=0)[0], dtype=torch.float32)
+    _, bounds = _validated_fit(dr.model, train, test, lr=0.01, particles=50)
     assert len(bounds) == 3 and all(math.isfinite(b) for b in bounds)
     assert bounds[-1] > bounds[0] + 100, bounds  # nats per well, from about -5000
     pyro.clear_param_store()
@@ -113,32 +112,11 @@ def test_zero_shot_prediction_for_a_device_never_seen():
     # train without any R33S32 well; its parts (LuxR R33, LasR S32) appear in other devices, so
     # its receptor rates and the encoder's device description are known: the held-out bound of
     # its wells must rise with training although none of them was seen
-    from pyro_hds.datasets import heldout_device_split
-
     assert DATA is not None
-    train_idx, test_idx = heldout_device_split(DATA, "R33S32")
-    train, test = DATA[torch.as_tensor(train_idx)], DATA[torch.as_tensor(test_idx)]
-    scaler = ChannelScaler().fit(train)
-    train = scaler.transform(train).to(dtype=torch.float32)
-    test = scaler.transform(test).to(dtype=torch.float32)
-    test = test.replace(total_size=len(test), indices=torch.arange(len(test)))
+    train, test = train_test(DATA, *heldout_device_split(DATA, "R33S32"), dtype=torch.float32)
     assert set(test.groups.tolist()) == {DATA.group_names.index("R33S32")}
     assert DATA.group_names.index("R33S32") not in set(train.groups.tolist())
-    pyro.clear_param_store()
-    result = pyro_hds.fit(
-        dr.model,
-        train,
-        objective=pyro_hds.IWAE(num_particles=10),
-        num_steps=30,
-        batch_size=36,
-        lr=0.01,
-        seed=0,
-        progress=False,
-        validation=test,
-        validate_every=10,
-        validation_particles=50,
-    )
-    bounds = [float(b) for b in result.history["val_bound"]]
+    result, bounds = _validated_fit(dr.model, train, test, lr=0.01, particles=50)
     assert all(math.isfinite(b) for b in bounds) and bounds[-1] > bounds[0] + 100, bounds
     post = result.predict(test, num_samples=20, num_particles=5, seed=0)
     assert post.samples["r"].shape == (20, len(test))
@@ -177,12 +155,7 @@ def test_blackbox_model_trains_its_network_and_improves_the_held_out_bound():
     from pyro_hds.models import double_receiver_blackbox as bb
 
     assert DATA is not None
-    train_idx, test_idx = folds(DATA, k=4, seed=0)[0]
-    train, test = DATA[torch.as_tensor(train_idx)], DATA[torch.as_tensor(test_idx)]
-    scaler = ChannelScaler().fit(train)
-    train = scaler.transform(train).to(dtype=torch.float32)
-    test = scaler.transform(test).to(dtype=torch.float32)
-    test = test.replace(total_size=len(test), indices=torch.arange(len(test)))
+    train, test = train_test(DATA, *folds(DATA, k=4, seed=0)[0], dtype=torch.float32)
     model = bb.make_model()
     tr = pyro.poutine.trace(model).get_trace(train[torch.arange(3)])
     assert tr.nodes["z"]["value"].shape == (3, 5)
@@ -190,21 +163,7 @@ def test_blackbox_model_trains_its_network_and_improves_the_held_out_bound():
     assert (tr.nodes["states"]["value"][..., 6:] > 0).all()  # variances stay positive
     assert model.network is not None
     before = model.network.species[0].weight.detach().clone()
-    pyro.clear_param_store()
-    result = pyro_hds.fit(
-        model,
-        train,
-        objective=pyro_hds.IWAE(num_particles=10),
-        num_steps=30,
-        batch_size=36,
-        lr=0.005,
-        seed=0,
-        progress=False,
-        validation=test,
-        validate_every=10,
-        validation_particles=20,
-    )
-    bounds = [float(b) for b in result.history["val_bound"]]
+    _, bounds = _validated_fit(model, train, test, lr=0.005, particles=20)
     assert all(math.isfinite(b) for b in bounds) and bounds[-1] > bounds[0] + 50, bounds
     assert not torch.equal(model.network.species[0].weight.detach(), before)
     pyro.clear_param_store()
@@ -280,3 +239,17 @@ def test_hybrid_model_drops_the_promoter_sites_and_trains():
     )
     assert any(k.startswith("dr_hybrid_promoter") for k in result._store_state["params"])
     pyro.clear_param_store()
+
+
+@needs_data
+def test_train_test_scales_on_training_wells_and_rebases_both():
+    assert DATA is not None
+    train_idx, test_idx = folds(DATA, k=4, seed=0)[1]
+    train, test = train_test(DATA, train_idx, test_idx)
+    assert (train.total_size, test.total_size) == (len(train_idx), len(test_idx))
+    assert torch.equal(test.indices, torch.arange(len(test_idx)))
+    scales = ChannelScaler().fit(DATA[torch.as_tensor(train_idx)]).scales
+    assert scales is not None
+    # the test wells' values are divided by the TRAINING maxima (then each series shifted)
+    raw = DATA.observations[torch.as_tensor(test_idx)] / scales
+    torch.testing.assert_close(test.observations, raw - raw.amin(1, keepdim=True))

@@ -49,7 +49,7 @@ def setting():
     position = torch.arange(len(data)) % PER_GROUP
     held = (position >= PER_GROUP - HELD).nonzero().flatten()
     train = (position < PER_GROUP - HELD).nonzero().flatten()
-    new = data[held].replace(total_size=len(held), indices=torch.arange(len(held)))
+    new = data[held].standalone()
     partial = _fit(data[train])
     predicted = partial.predict(new, num_samples=DRAWS, num_particles=K_NEW, seed=1)
     full = _fit(data)

@@ -21,7 +21,7 @@ import os
 import torch
 
 import pyro_hds
-from pyro_hds.datasets import ChannelScaler, folds, load_vihds
+from pyro_hds.datasets import folds, load_vihds, train_test
 from pyro_hds.models import double_receiver as dr
 from pyro_hds.models import double_receiver_blackbox as bb
 from pyro_hds.plotting import plot_fits
@@ -35,13 +35,9 @@ print(data)
 print("devices:", data.group_names)
 print("parts:", data.feature_names)
 
-# %% Fold 0 of 4: scale each channel by its maximum over the TRAINING wells only
-train_idx, test_idx = folds(data, k=4, seed=0)[0]
-train, test = data[torch.as_tensor(train_idx)], data[torch.as_tensor(test_idx)]
-scaler = ChannelScaler().fit(train)
-train, test = scaler.transform(train), scaler.transform(test)
-test = test.replace(total_size=len(test), indices=torch.arange(len(test)))  # a data set of its own
-train, test = train.to(dtype=torch.float32), test.to(dtype=torch.float32)
+# %% Fold 0 of 4: `train_test` scales each channel by its maximum over the TRAINING wells
+# only (a ChannelScaler fitted on them) and makes each part a data set of its own
+train, test = train_test(data, *folds(data, k=4, seed=0)[0], dtype=torch.float32)
 
 # %% Fit: minibatches of 36 wells (as the paper), K importance particles per well, Heun's
 # method with one step per observation interval; the held-out bound is logged as we go
@@ -71,65 +67,31 @@ post = result.predict(test, num_samples=30 if QUICK else 200, num_particles=10)
 plot_fits(post, test, "y", individuals=[0, 20, 40, 60], path="vihds_fits.png")
 print("wrote vihds_fits.png")
 
-# %% The growth-dependent variant (DR_Growth): production follows the growth rate,
-# rc ((1 - es) r sigmoid(4 (t - tlag)) + es). Same data, same fold, same call.
-result_growth = pyro_hds.fit(
-    dr.model_growth,
-    train,
-    objective=pyro_hds.IWAE(num_particles=10 if QUICK else 100),
-    num_steps=20 if QUICK else 1400,
-    batch_size=36,
-    lr=0.01,
-    seed=0,
-    progress=not QUICK,
-)
-per_well_growth = result_growth.evaluate(test, num_particles=100 if QUICK else 1000)
-print(f"DR_Growth held-out bound per well: {float(per_well_growth.mean()):.1f}")
-
-# %% The black-box neural ODE (DR_Blackbox): no biology, a network of the state, a 5-number
-# latent code per well, the inputs and the device's parts; noise variances are states too
-blackbox = bb.make_model()
-result_bb = pyro_hds.fit(
-    blackbox,
-    train,
-    objective=pyro_hds.IWAE(num_particles=10 if QUICK else 100),
-    num_steps=20 if QUICK else 1400,
-    batch_size=36,
-    lr=0.005,
-    seed=0,
-    progress=not QUICK,
-)
-per_well_bb = result_bb.evaluate(test, num_particles=100 if QUICK else 1000)
-print(f"DR_Blackbox held-out bound per well: {float(per_well_bb.mean()):.1f}")
-
-# %% Its hierarchical version (DR_HierarchicalBlackbox): the network also reads a population
-# code and a per-device code (group latents; the guide maps a device's parts to its code)
-hier = bb.make_model(hierarchical=True)
-result_hier = pyro_hds.fit(
-    hier,
-    train,
-    objective=pyro_hds.IWAE(num_particles=10 if QUICK else 100),
-    num_steps=20 if QUICK else 1400,
-    batch_size=36,
-    lr=0.005,
-    seed=0,
-    progress=not QUICK,
-)
-per_well_hier = result_hier.evaluate(test, num_particles=100 if QUICK else 1000)
-print(f"DR_HierarchicalBlackbox held-out bound per well: {float(per_well_hier.mean()):.1f}")
-
-# %% The hybrid: prescribed growth, receptor expression and inducer binding, with the two
-# promoter responses learned by a small network instead of the prescribed functions
-hybrid = dr.make_hybrid_model()
-result_hybrid = pyro_hds.fit(
-    hybrid,
-    train,
-    objective=pyro_hds.IWAE(num_particles=10 if QUICK else 100),
-    num_steps=20 if QUICK else 1400,
-    batch_size=36,
-    lr=0.01,
-    seed=0,
-    progress=not QUICK,
-)
-per_well_hybrid = result_hybrid.evaluate(test, num_particles=100 if QUICK else 1000)
-print(f"hybrid held-out bound per well: {float(per_well_hybrid.mean()):.1f}")
+# %% The other four models of the case study, fitted and scored the same way:
+# - DR_Growth: production follows the growth rate, rc ((1 - es) r sigmoid(4 (t - tlag)) + es);
+# - DR_Blackbox: no biology, a network of the state, a 5-number latent code per well, the
+#   inputs and the device's parts; noise variances are states too;
+# - DR_HierarchicalBlackbox: the network also reads a population code and a per-device code
+#   (group latents; the guide maps a device's parts to its code);
+# - hybrid: prescribed growth, receptor expression and inducer binding, with the two promoter
+#   responses learned by a small network instead of the prescribed functions.
+# The neural models are objects owning their networks: make a new one for every fit.
+variants = {
+    "DR_Growth": (dr.model_growth, 0.01),
+    "DR_Blackbox": (bb.make_model(), 0.005),
+    "DR_HierarchicalBlackbox": (bb.make_model(hierarchical=True), 0.005),
+    "hybrid": (dr.make_hybrid_model(), 0.01),
+}
+for name, (variant, lr) in variants.items():
+    fitted = pyro_hds.fit(
+        variant,
+        train,
+        objective=pyro_hds.IWAE(num_particles=10 if QUICK else 100),
+        num_steps=20 if QUICK else 1400,
+        batch_size=36,
+        lr=lr,
+        seed=0,
+        progress=not QUICK,
+    )
+    score = fitted.evaluate(test, num_particles=100 if QUICK else 1000)
+    print(f"{name} held-out bound per well: {float(score.mean()):.1f}")

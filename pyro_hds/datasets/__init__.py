@@ -21,6 +21,7 @@ from pyro_hds.datasets.vihds import (
     load_vihds,
     parse_condition,
     read_platereader_csv,
+    train_test,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "load_vihds",
     "parse_condition",
     "read_platereader_csv",
+    "train_test",
 ]

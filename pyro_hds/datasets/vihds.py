@@ -64,6 +64,7 @@ __all__ = [
     "load_vihds",
     "parse_condition",
     "read_platereader_csv",
+    "train_test",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -704,6 +705,21 @@ def folds(data: Any, k: int = 4, seed: int = 0) -> list[tuple[np.ndarray, np.nda
         test = np.sort(chunk).astype(np.int64)
         out.append((np.setdiff1d(all_idx, test), test))
     return out
+
+
+def train_test(
+    data: Any, train_idx: Any, test_idx: Any, *, dtype: torch.dtype | None = None
+) -> tuple[Any, Any]:
+    """Training and test data sets of a split (:func:`folds`, :func:`heldout_device_split`),
+    each standalone, scaled by a :class:`ChannelScaler` fitted on the training wells only, and
+    optionally cast to ``dtype``."""
+    train = data[torch.as_tensor(np.asarray(train_idx))].standalone()
+    test = data[torch.as_tensor(np.asarray(test_idx))].standalone()
+    scaler = ChannelScaler().fit(train)
+    train, test = scaler.transform(train), scaler.transform(test)
+    if dtype is not None:
+        train, test = train.to(dtype=dtype), test.to(dtype=dtype)
+    return train, test
 
 
 def _as_numpy(x: Any) -> np.ndarray:
