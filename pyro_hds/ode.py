@@ -15,6 +15,12 @@ and elementwise operations over the leading dim, e.g.
 ``torch.stack([-k * y[..., 0], k * y[..., 0]], -1)``; quantities with a batch dim must be passed
 in ``params``, not closed over.
 
+Speed on large batches: read the states with ``y.movedim(-1, 0).unbind(0)`` and return
+``torch.stack(terms, 0).movedim(0, -1)``. The solver's state then stays state-major (each
+state's ``B`` values contiguous) and no evaluation interleaves or de-interleaves ``(B, S)``
+memory, forward or backward; with ``y[..., i]`` and ``torch.stack(terms, -1)`` that
+interleaving cost a third of each evaluation of the double-receiver model at ``B = 7200``.
+
 Doses (:class:`~pyro_hds.Doses`, ``(..., M)``) add ``amount`` to state ``target`` at their
 times; an observation at a dose time is the pre-dose value. Piecewise-constant inputs
 (:class:`~pyro_hds.PiecewiseConstant`) join the schedule so steps never straddle a change.

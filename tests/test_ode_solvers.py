@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -342,3 +343,36 @@ def test_a_state_beyond_the_square_root_of_the_largest_float_counts_as_failed(so
     assert float(sol.ys.detach().abs().max()) <= torch.finfo(torch.float32).max ** 0.5
     (g,) = torch.autograd.grad((sol.ys / sol.ys.square().sum()).sum(), k)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", RK4(substeps=3), Dopri5()])
+def test_state_major_rhs_gets_a_state_major_state_and_the_same_solution(solver):
+    # an rhs that returns dy/dt state-major (torch.stack(terms, 0).mT) leaves the solver's
+    # state in that layout (elementwise ops follow their operands' layout), so the rhs reads
+    # contiguous states and the trajectory is stacked without transposing; the numbers are
+    # those of the same rhs returning a row-major stack
+    seen: list[tuple[int, ...]] = []
+
+    def osc(t, y, p, layout):
+        seen.append(y.stride())
+        pos, vel = y.movedim(-1, 0).unbind(0)
+        terms = [vel, -(p["w"] ** 2) * pos]
+        return torch.stack(terms, 0).movedim(0, -1) if layout == "state" else torch.stack(terms, -1)
+
+    w = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).requires_grad_()
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    out = {}
+    for layout in ("row", "state"):
+        seen.clear()
+        sol = solve(functools.partial(osc, layout=layout), y0, TS, {"w": w}, solver=solver)
+        (grad,) = torch.autograd.grad(sol.ys.square().sum(), w)
+        out[layout] = (sol.ys.detach(), grad)
+        if layout == "state":
+            assert seen[-1] == (1, 6)  # each state's values contiguous
+        else:
+            assert seen[-1] == (2, 1)
+    torch.testing.assert_close(out["state"][0], out["row"][0], rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(out["state"][1], out["row"][1], rtol=1e-12, atol=1e-13)
+    if isinstance(solver, Dopri5):  # and it is the right solution (tolerance 1e-6 rtol)
+        exact = torch.cos(w.detach()[:, None] * TS)
+        torch.testing.assert_close(out["state"][0][..., 0], exact, rtol=0, atol=1e-5)

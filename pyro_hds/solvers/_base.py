@@ -96,6 +96,8 @@ class Schedule:
     :ivar amount: ``(B, P)`` dose amounts (0 elsewhere); ``target`` ``(B, P)`` state index.
     :ivar obs_index: ``(B, T)`` position of each observation time in ``points``.
     :ivar has_jumps: whether any dose has a non-zero amount.
+    :ivar obs_only: the grid holds the observation times only (no doses or breakpoints), so
+        ``obs_index`` is ``arange(T)`` for every element.
     """
 
     t0: torch.Tensor
@@ -105,6 +107,7 @@ class Schedule:
     target: torch.Tensor
     obs_index: torch.Tensor
     has_jumps: bool
+    obs_only: bool = False
 
     def apply_jumps(
         self,
@@ -193,7 +196,9 @@ def build_schedule(
         obs_index = inverse[:, :t_len]
     else:
         obs_index = torch.arange(t_len, device=times.device).expand(b, t_len)
-    return Schedule(t0, points, kind, amount, target, obs_index, has_jumps)
+    return Schedule(
+        t0, points, kind, amount, target, obs_index, has_jumps, obs_only=len(parts_t) == 1
+    )
 
 
 RHS = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -124,8 +124,32 @@ def _scale(h, c: float):
 FIXED_METHODS = {"euler": _euler, "heun": _heun, "rk4": _rk4}
 
 
-def _gather_outputs(hist: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-    stacked = torch.stack(hist, 1)  # (B, H, S)
+def state_major(y: torch.Tensor) -> bool:
+    """Whether the ``(B, S)`` tensor ``y`` is a transposed contiguous ``(S, B)`` one: each
+    state's values lie contiguously. A right-hand side that returns its derivative so
+    (``torch.stack(terms, 0).movedim(0, -1)``) puts the solver's state in this layout after
+    the first step, since elementwise operations follow their operands' layout; its
+    ``y.movedim(-1, 0).unbind(0)`` then reads contiguous memory, and neither the rhs nor
+    the trajectory's assembly transposes anything (a stack along the last dim interleaves
+    its inputs, several times slower than one along a leading dim)."""
+    return y.dim() == 2 and y.shape[0] > 1 and y.stride(0) == 1 and y.stride(1) == y.shape[0]
+
+
+def _gather_outputs(
+    hist: list[torch.Tensor], index: torch.Tensor, identity: bool = False
+) -> torch.Tensor:
+    """``(B, T, S)``: the states of ``hist`` (H of ``(B, S)``) at the grid positions
+    ``index`` ``(B, T)``; ``identity``: ``index`` is ``arange(H)`` (no gather needed).
+
+    State-major states are stacked as ``(S, H, B)`` and returned as a permuted view: stacking
+    them along a middle dim of ``(B, H, S)`` would transpose every value (three times slower
+    than a row-major stack)."""
+    if all(state_major(h) for h in hist):
+        stacked = torch.stack([h.t() for h in hist], 1).permute(2, 1, 0)
+    else:
+        stacked = torch.stack(hist, 1)  # (B, H, S)
+    if identity and stacked.shape[1] == index.shape[-1]:
+        return stacked
     b, t_len = index.shape
     return stacked.gather(1, index.unsqueeze(-1).expand(b, t_len, stacked.shape[-1]))
 
@@ -190,7 +214,7 @@ def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, subste
         if sched.has_jumps:
             y = sched.apply_jumps(y, ~dead, torch.full((b,), p, device=y.device))
     obs_index = sched.obs_index.expand(b, -1)
-    ys = _gather_outputs(hist, obs_index)
+    ys = _gather_outputs(hist, obs_index, identity=sched.obs_only)
     status = torch.where(dead, int(Status.NONFINITE), int(Status.SUCCESS)).long()
     steps = torch.full((b,), num_points * substeps, dtype=torch.long, device=y0.device)
     # a dead element's outputs hold its frozen (detached) last finite state
