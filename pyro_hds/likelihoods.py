@@ -40,6 +40,29 @@ if TYPE_CHECKING:
 __all__ = ["MaskedObservation", "observe"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+#: Normal classes whose log-density is the plain Gaussian one (subclasses may change it)
+_PLAIN_NORMALS = (dist.Normal, torch.distributions.Normal)
+
+
+def _compact(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every broadcast (stride-0) dim narrowed to size 1: a view holding each
+    distinct value once. ``Normal(loc, scale)`` expands a per-channel ``scale`` to the full
+    ``(..., N, T, C)`` shape; arithmetic on the compact view costs its few distinct values,
+    not millions of repeats."""
+    for d in range(x.dim()):
+        if x.stride(d) == 0 and x.shape[d] > 1:
+            x = x.narrow(d, 0, 1)
+    return x
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, by one reduction in the common case: a sum of
+    finite values is finite unless it overflows, and any NaN or infinity makes it non-finite;
+    only a non-finite sum is followed by the elementwise test."""
+    x = _compact(x)
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def _arguments(base: torch.distributions.Distribution) -> dict[str, torch.Tensor] | None:
@@ -102,7 +125,7 @@ class MaskedObservation(TorchDistribution):
         bad = None
         safe_args = {}
         for name, value in args.items():
-            if not value.is_floating_point():
+            if not value.is_floating_point() or _all_finite(value):
                 safe_args[name] = value
                 continue
             nonfinite = ~torch.isfinite(value)
@@ -151,9 +174,12 @@ class MaskedObservation(TorchDistribution):
         return self.base.expand(self.batch_shape + self.event_shape).rsample(sample_shape)
 
     def _log_prob(self, base: torch.distributions.Distribution, value: torch.Tensor):
-        if type(base) is dist.Normal or type(base) is torch.distributions.Normal:
-            z = (value - base.loc) / base.scale
-            elementwise = -0.5 * z * z - torch.log(base.scale) - _HALF_LOG_2PI
+        if isinstance(base, torch.distributions.Normal) and type(base) in _PLAIN_NORMALS:
+            if self._mask is None:
+                return _normal_log_prob_sum(value, base.loc, base.scale)
+            scale = _compact(base.scale)
+            z = (value - base.loc) / scale
+            elementwise = -0.5 * z * z - (torch.log(scale) + _HALF_LOG_2PI)
         else:
             elementwise = base.log_prob(value)
         if self._mask is not None:
@@ -197,6 +223,29 @@ class MaskedObservation(TorchDistribution):
             return torch.where(overflow, lp.new_full((), -math.inf), lp)
         lp = self._log_prob(base, value)
         return torch.where(overflow, lp.new_full((), -math.inf), lp)
+
+
+def _normal_log_prob_sum(
+    value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    r"""``Normal(loc, scale).log_prob(value)`` summed over the last two dims (T, C), all
+    entries observed: :math:`-\frac12 \sum_{t,c} r_{tc}^2 / s_{tc}^2 - \sum_{t,c} (\log
+    s_{tc} + \frac12 \log 2\pi)`, :math:`r = y - \mu`.
+
+    The scale's distinct values only are used (:func:`_compact`): when it is constant over
+    time (one noise level per channel, the common case) the squares are summed over time first,
+    :math:`\sum_c \big(\sum_t r_{tc}^2\big) / s_c^2`, which saves a division and a
+    multiplication over the full ``(..., N, T, C)`` tensor, forward and backward."""
+    sc = _compact(scale)
+    r2 = (value - loc).square()
+    shape = torch.broadcast_shapes(r2.shape, scale.shape)
+    if sc.shape[-2] == 1:  # constant over time
+        quad = (r2.sum(-2, keepdim=True) / sc.square()).sum((-2, -1))
+    else:
+        quad = (r2 / sc.square()).sum((-2, -1))
+    repeats = (shape[-2] if sc.shape[-2] == 1 else 1) * (shape[-1] if sc.shape[-1] == 1 else 1)
+    norm = (torch.log(sc) + _HALF_LOG_2PI).sum((-2, -1)) * repeats
+    return (-0.5 * quad - norm).expand(shape[:-2])
 
 
 def _check_observation_shape(
