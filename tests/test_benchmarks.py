@@ -158,3 +158,49 @@ def test_vihds_cv_quick_run():
     # every split has a finite bound; the two folds' test wells cover all 312
     assert sum(int(r.split("|")[2]) for r in rows[1:3]) == 312
     assert all(math.isfinite(float(r.split("|")[3].split()[0])) for r in rows[1:])
+
+
+FAKE_REFERENCE = """
+import sys
+args = dict(a.split("=", 1) for a in sys.argv[2:] if a.startswith("--"))
+assert sys.argv[1].endswith("dr_constant_icml.yaml"), sys.argv
+assert args["--split"] == "1" and args["--seed"] == "1" and args["--train_samples"] == "6"
+epochs = int(args["--epochs"])
+print("loading data ...")
+print(f"epoch {epochs:4d} | train (iwae-elbo = -10.5, time = 2.00, total = {2.0 * epochs:.2f}) "
+      "| val (iwae-elbo = 123.25, time = 1.0, total = 1.0)")
+"""
+
+
+@pytest.mark.skipif(
+    not (ROOT.parent / "shared" / "data" / "vi-hds").exists(),
+    reason="vi-hds data not found (../shared/data)",
+)
+def test_vihds_vs_reference_runs_a_checkout_and_compares(tmp_path):
+    # a stand-in for a microsoft/vi-hds checkout: the script runs it as a subprocess with the
+    # fold's arguments and reads its last evaluation line
+    (tmp_path / "vihds").mkdir()
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "vihds" / "run_xval.py").write_text(FAKE_REFERENCE)
+    (tmp_path / "specs" / "dr_constant_icml.yaml").write_text("model: dr_constant\n")
+    script = ROOT / "benchmarks" / "vihds_vs_reference.py"
+    cmd = [sys.executable, str(script), "--reference", str(tmp_path), "--epochs", "1"]
+    cmd += ["--particles", "6", "--outer-particles", "1", "3", "--eval-particles", "10"]
+    cmd += ["--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    rows = {
+        r.split("|")[1].strip(): r.split("|")[2:]
+        for r in proc.stdout.splitlines()[1:]
+        if r.startswith("| ") and "---" not in r
+    }
+    ref = rows["reference (vi-hds HEAD)"]
+    assert float(ref[0]) == 2.0 and abs(float(ref[1]) - 123.25) < 0.1
+    # the reference's scales are the per-channel maxima of all 312 wells: 86 sum(log s_c)
+    assert abs(float(ref[2]) - 2828.7) < 0.1
+    assert abs(float(ref[3]) - (123.25 - float(ref[2]))) < 0.1
+    for label in ("pyro_hds, S = 1, K = 6", "pyro_hds, S = 3, K = 2"):
+        ours = rows[label]
+        assert math.isfinite(float(ours[1])) and float(ours[0]) > 0
+        assert math.isfinite(float(rows[f"{label}, reference's estimator"][1]))
+        assert re.search(rf"{label}: speed reference / pyro_hds = [\d.]+", proc.stdout)
