@@ -125,3 +125,21 @@ def test_observe_checks_shapes_and_records_site():
 
     with pytest.raises(ValueError, match=r"observe\('y'\).*\(2, 2, 2\)"):
         wrong(data)
+
+
+def test_a_finite_but_huge_negative_log_density_has_zero_weight_and_clean_gradients():
+    # float32: the far-off particle's log-density (about -2.4e37) is finite, its derivative
+    # with respect to the noise scale (about 4e40) is not; its weight is 0, so 0 * inf used
+    # to make the noise scale's gradient NaN
+    f32 = torch.float32
+    y = torch.zeros(1, 3, 1, dtype=f32)
+    loc = torch.tensor([0.1, 1e16], dtype=f32).reshape(2, 1, 1, 1).expand(2, 1, 3, 1)
+    log_prec = torch.tensor(12.0, dtype=f32, requires_grad=True)
+    lp = MaskedObservation(dist.Normal(loc, (-0.5 * log_prec).exp())).log_prob(y)
+    assert lp.shape == (2, 1) and bool(torch.isfinite(lp[0]).all())
+    assert float(lp[1, 0]) == -math.inf
+    (grad,) = torch.autograd.grad(torch.logsumexp(lp, 0).sum(), log_prec)
+    assert bool(torch.isfinite(grad))
+    # the good particle's gradient alone: 1/2 (3 - r^2 prec) summed over the 3 times
+    want = 0.5 * (3 - 3 * 0.01 * math.exp(12.0))
+    torch.testing.assert_close(grad, torch.tensor(want, dtype=f32), rtol=1e-4, atol=0)
