@@ -7,9 +7,10 @@ test well, none is trained on), the script
 1. fits the channel scales on the training wells only (``ChannelScaler``);
 2. fits ``--model`` (DR_Constant by default; DR_Growth, DR_Blackbox,
    DR_HierarchicalBlackbox or the hybrid) for ``--epochs`` epochs (batch 36, IWAE with
-   ``--particles`` K, Adam lr 0.01, 0.005 for the black boxes, decaying tenfold, float32,
-   seed 0), keeping the last parameters (no epoch is selected, so the test wells never
-   influence training);
+   ``--particles`` draws per well per step, spent as ``--outer-particles`` S draws of the
+   globals with ``particles / S`` local draws each; Adam lr 0.01, 0.005 for the black
+   boxes, decaying tenfold; float32; seed 0), keeping the last parameters (no epoch is
+   selected, so the test wells never influence training);
 3. reports the held-out importance-weighted bound per test well with ``--eval-particles``
    particles (``FitResult.evaluate``; the paper's metric), its mean over the test wells, and
    the fit time.
@@ -60,7 +61,10 @@ def run_split(data, train_idx, test_idx, args) -> tuple[float, float, int]:
     result = pyro_hds.fit(
         model,
         train,
-        objective=pyro_hds.IWAE(num_particles=args.particles),
+        objective=pyro_hds.IWAE(
+            num_particles=args.particles // args.outer_particles,
+            num_outer_particles=args.outer_particles,
+        ),
         num_steps=steps_per_epoch * args.epochs,
         batch_size=BATCH,
         lr=lr,
@@ -83,7 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--particles", type=int, default=100, help="training K")
+    parser.add_argument(
+        "--particles", type=int, default=100, help="training draws per well per step"
+    )
+    parser.add_argument(
+        "--outer-particles",
+        type=int,
+        default=1,
+        help="S global draws per step, each with particles / S local draws (must divide)",
+    )
     parser.add_argument("--eval-particles", type=int, default=1000, help="evaluation K")
     parser.add_argument("--zero-shot", nargs="*", default=["R33S32", "RS100S34"])
     parser.add_argument("--threads", type=int, default=1)
@@ -94,10 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.zero_shot = args.zero_shot[:1]
     if args.folds < 2 or args.epochs < 1 or args.particles < 1 or args.eval_particles < 1:
         parser.error("--folds must be >= 2; --epochs and particle counts >= 1")
+    if args.outer_particles < 1 or args.particles % args.outer_particles:
+        parser.error("--outer-particles must be >= 1 and divide --particles")
     set_threads(args.threads)
     print(f"# {environment()}")
     print(
-        f"# model {args.model}, {args.epochs} epochs, batch {BATCH}, IWAE K = {args.particles}, "
+        f"# model {args.model}, {args.epochs} epochs, batch {BATCH}, IWAE S = "
+        f"{args.outer_particles} x K = {args.particles // args.outer_particles}, "
         f"held-out bound with K = {args.eval_particles}, float32, seed 0"
     )
     data = load_vihds(download=False)
