@@ -229,37 +229,71 @@ def _subset_step(step, f: F, t, y, h, keep: torch.Tensor) -> torch.Tensor:
 
 
 # -- adaptive Dopri5 --------------------------------------------------------------------------
+#
+# Cost model. At a few hundred systems every torch operation costs about the same few
+# microseconds whatever its size (Python, dispatch, allocation), and the number of loop
+# iterations is set by the stiffest system, so the loop is written to issue few operations
+# (and few autograd nodes) per step: the step-size control runs without autograd, the control
+# state is kept so that finished and failed elements need no masking, grid arrivals are
+# recorded without per-arrival index arithmetic, and the host learns what it must (any
+# arrival, any non-finite value, any possibly too small step) from two reads per step, a third
+# when elements arrived (how many are still active).
+# Forming the stage combinations with one matmul over stacked stages was measured and is not
+# cheaper: stack + matmul cost as much as the four or five in-place adds they replace.
 
 
-def _dopri_stages(f: F, t, y, h, k1, idx=None):
+def _relative(row: tuple[float, ...]) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """``a_1`` and the nonzero ``(j, a_j / a_1)``, ``j >= 1``, of a tableau row: the combination
+    :math:`\\sum_j a_j k_j` is formed as :math:`a_1 (k_1 + \\sum_{j>1} (a_j/a_1) k_j)`, with
+    ``a_1`` folded into the per-element step scale. This saves one operation (and one autograd
+    node) per stage: the leading term needs no multiplication."""
+    return row[0], tuple((j, a / row[0]) for j, a in enumerate(row) if j > 0 and a != 0.0)
+
+
+# stages 2..6 and the 5th-order solution: the leading coefficients and the relative rest
+_LEAD, _REL = zip(*(_relative(_A[i]) for i in range(1, 7)), strict=True)
+# the error weights relative to e_1 (> 0): the error estimate is e_1 times their combination
+_E_LEAD, _E_REL = _relative(_E)
+# c_2 .. c_6; the last stage (FSAL) is at c_7 = c_6 = 1
+_C_STAGES = _C[1:6]
+# recorded grid arrivals are resolved in batches of this many (bounds the pending masks)
+_FLUSH_EVERY = 32
+
+
+def _combine(ks: list[torch.Tensor], rel: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """:math:`k_1 + \\sum_j r_j k_j` over ``rel = ((j, r_j), ...)`` (``k_1`` itself if empty)."""
+    if not rel:
+        return ks[0]
+    (j0, r0), *rest = rel
+    acc = torch.add(ks[0], ks[j0], alpha=r0)
+    for j, r in rest:
+        acc.add_(ks[j], alpha=r)
+    return acc
+
+
+def _dopri_stages(f: F, t, y, h, k1, coef, idx=None):
     r"""One Dormand-Prince step of size ``h`` ``(B,)`` from ``(t, y)`` with first stage ``k1``.
 
-    Returns the 5th-order solution, the error estimate *per unit step*
-    :math:`\sum_j (b_j - \hat b_j) k_j` (no gradient: it only steers the step size) and the
-    last stage (the next step's first, FSAL).
+    ``coef`` holds ``c_2..c_6`` ``(5,)`` and the leading coefficients ``a_{i1}`` of the stage
+    rows and of the 5th-order weights ``(6, 1)`` as tensors. The stage times
+    :math:`t + c_i h` and the scales :math:`h a_{i1}` are formed in one operation each.
+
+    Returns the 5th-order solution, the error estimate *per unit step* divided by
+    :math:`e_1` (the first error weight), :math:`\sum_j (e_j / e_1) k_j` (no gradient: it only
+    steers the step size), the last stage (the next step's first, FSAL) and the end time
+    ``t + h``.
     """
-    hc = h.unsqueeze(-1)
+    c, lead = coef
+    times = torch.addcmul(t.unsqueeze(-1), h.unsqueeze(-1), c).unbind(-1)
+    scales = (h.reshape(-1, 1, 1) * lead).unbind(1)  # six (B, 1) columns h a_i1
     ks = [k1]
-    for i in range(1, 6):
-        a = _A[i]
-        acc = ks[0] * a[0]
-        for j in range(1, i):
-            if a[j] != 0.0:
-                acc.add_(ks[j], alpha=a[j])
-        ks.append(f(torch.add(t, h, alpha=_C[i]), torch.addcmul(y, hc, acc), idx))
-    acc = ks[0] * _B5[0]
-    for j in range(1, 6):
-        if _B5[j] != 0.0:
-            acc.add_(ks[j], alpha=_B5[j])
-    y5 = torch.addcmul(y, hc, acc)
-    k7 = f(t + h, y5, idx)
-    ks.append(k7)
+    y_i = y
+    for i in range(6):  # stages 2..6, then the 5th-order solution and its stage (FSAL)
+        y_i = torch.addcmul(y, scales[i], _combine(ks, _REL[i]))
+        ks.append(f(times[min(i, 4)], y_i, idx))
     with torch.no_grad():
-        err = ks[0] * _E[0]
-        for j in range(1, 7):
-            if _E[j] != 0.0:
-                err.add_(ks[j], alpha=_E[j])
-    return y5, err, k7
+        err = _combine(ks, _E_REL)
+    return y_i, err, ks[6], times[4]
 
 
 def integrate_dopri5(
@@ -284,21 +318,56 @@ def integrate_dopri5(
     times the largest.
 
     Outputs are not copied out as elements reach grid points: every state a grid point is
-    reached in is kept (``hist``) with a record of which elements arrived at which point, and
-    one gather at the end assembles the ``(B, T, S)`` outputs.
+    reached in is kept (``hist``) with a record of which elements arrived (a mask) and at which
+    points (their cursors); the records are resolved in batches (:data:`_FLUSH_EVERY`) into
+    (element, point) keys and rows of ``cat(hist)``, and one gather at the end assembles the
+    ``(B, T, S)`` outputs.
+
+    Control state. Element ``g``'s next grid point is ``table[q]``, ``table`` the ``(B, P + 1)``
+    grid with a last column of ``+inf``, flattened, and ``q = g (P + 1) + p`` its cursor (which
+    is also the record key of point ``p``). A finished or failed element has its cursor at the
+    ``+inf`` entry and a zero step size: its step is 0, it never arrives and it is not
+    ``active``, so the per-step control needs no masks beyond ``active`` for acceptance and
+    step counts.
     """
-    b = y0.shape[0]
+    assert safety < 1, "a rejected step's factor is below 1 only with safety < 1"
+    b, s = y0.shape
     dev, dt = y0.device, y0.dtype
     limit = _limit(y0)
-    num_points = sched.points.shape[1]
+    points = sched.points
+    num_points = points.shape[1]
     last_point = num_points - 1
-    all_points = sched.points.expand(b, num_points)
+    inf = float("inf")
+    table = torch.cat([points, points.new_full((1, 1), inf).expand(points.shape[0], 1)], 1)
+    table = table.expand(b, num_points + 1).reshape(-1)
     rows = torch.arange(b, device=dev)  # global ids of the working set
     full = True  # the working set is the whole batch (no indexing needed)
-    points = all_points
+    q = rows * (num_points + 1)
+    q_end = q + num_points  # the cursor past the last point (the +inf entry)
+    tt = table.index_select(0, q)
+    with torch.no_grad():
+        pts = points.detach()
+        # a strict grid: consecutive points far enough apart (beyond the round-off of
+        # ``t + h``) that an element reaches at most one of them per step after the start
+        gap = pts[:, 1:] - pts[:, :-1]
+        room_ok = gap > 8 * torch.finfo(dt).eps * torch.maximum(pts[:, 1:].abs(), pts[:, :-1].abs())
+        strict = bool(room_ok.all())
+        # no step is "too small" (below 1e-13 max(|t|, 1)) while every active element's step
+        # exceeds this bound (a rejection shrinks a step by at most dfactor), so the exact
+        # test runs only when some step falls below it
+        t_scale = max(1.0, float(pts.abs().max()), float(sched.t0.detach().abs().max()))
+        tiny_screen = 2e-13 * t_scale / dfactor
+    coef = (
+        torch.tensor(_C_STAGES, dtype=dt, device=dev),
+        torch.tensor(_LEAD, dtype=dt, device=dev).unsqueeze(-1),
+    )
+    # the error ratio sqrt(mean((err / scale)^2)) is ||err' / scale'|| with err' = err / e_1
+    # (from the stages) and scale' = scale * sqrt(S) / e_1
+    err_unit = s**0.5 / _E_LEAD
+    rtol_e, atol_e = rtol * err_unit, atol * err_unit
+    inf_t = torch.full((), inf, dtype=dt, device=dev)
     t = sched.t0.expand(b).clone()
     y = y0
-    p = torch.zeros(b, dtype=torch.long, device=dev)
     active = torch.ones(b, dtype=torch.bool, device=dev)
     status = torch.zeros(b, dtype=torch.long, device=dev)
     steps = torch.zeros(b, dtype=torch.long, device=dev)
@@ -308,9 +377,14 @@ def integrate_dopri5(
     out_rejected = torch.zeros(b, dtype=torch.long, device=dev)
     hist: list[torch.Tensor] = []
     hist_rows = 0  # rows of hist so far (its states concatenated)
-    # arrival records: flat (element, point) keys and the rows of cat(hist) they point to
+    # arrival records: flat (element, point) keys into a (B, P + 1) table and the rows of
+    # cat(hist) they point to
     keys: list[torch.Tensor] = []
     places: list[torch.Tensor] = []
+    # unresolved arrivals: (arrived mask, cursors) of the working set; their states are the
+    # last len(pending) entries of hist, from row pending_row of cat(hist) on
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    pending_row = 0
     # the same for the elements' final states: element ids and rows of cat(hist)
     final_keys: list[torch.Tensor] = []
     final_places: list[torch.Tensor] = []
@@ -321,7 +395,7 @@ def integrate_dopri5(
         return f(t, y, rows.index_select(0, local_idx))
 
     def stages(t, y, h, k1, local_idx=None):
-        return _dopri_stages(lambda tt, yy, _i=None: call(tt, yy, local_idx), t, y, h, k1)
+        return _dopri_stages(lambda tt, yy, _i=None: call(tt, yy, local_idx), t, y, h, k1, coef)
 
     def keep_state(y):
         nonlocal hist_rows
@@ -329,8 +403,49 @@ def integrate_dopri5(
         hist_rows += y.shape[0]
         return hist_rows - y.shape[0]
 
-    def next_point(p):
-        return points.gather(1, p.clamp(max=last_point).unsqueeze(1)).squeeze(1)
+    def flush():
+        """Resolve the pending arrival records into keys and rows of cat(hist)."""
+        if not pending:
+            return
+        masks, cursors = zip(*pending, strict=True)
+        pending.clear()
+        # the flat index record * width + element is the row after pending_row
+        hit = torch.stack(masks).view(-1).nonzero().squeeze(1)
+        keys.append(torch.stack(cursors).view(-1).index_select(0, hit))
+        places.append(hit + pending_row)
+
+    def advance(y, arrived):
+        """Record the elements that ``arrived`` at their next grid point, apply their doses
+        and move their cursors on."""
+        nonlocal q, tt, active, pending_row
+        if not pending:
+            pending_row = hist_rows
+        keep_state(y)
+        pending.append((arrived, q))
+        if sched.has_jumps:
+            p = (q - (q_end - num_points)).clamp(max=last_point)
+            y = sched.apply_jumps(y, arrived, p, None if full else rows)
+        q = q + arrived
+        tt = table.index_select(0, q)
+        active = q < q_end
+        if len(pending) >= _FLUSH_EVERY:
+            flush()
+        return y
+
+    def arrivals(y, k1, arrived, once):
+        """Process the arrivals (more than one pass where points coincide, unless ``once``);
+        after doses or at an input breakpoint the first stage is evaluated again."""
+        while True:
+            y = advance(y, arrived)
+            if once:
+                break
+            arrived = t >= tt
+            if not bool(arrived.any()):
+                break
+        if sched.has_jumps or getattr(f, "piecewise", False):
+            f.segment_start = t  # type: ignore[attr-defined]
+            k1 = call(t, y)
+        return y, k1
 
     f.segment_start = t  # type: ignore[attr-defined]
     k1 = call(t, y)
@@ -346,38 +461,30 @@ def integrate_dopri5(
         status = torch.where(bad, int(Status.NONFINITE), status)
         active = active & ~bad
         k1 = torch.where(bad[:, None], torch.zeros((), dtype=dt), k1)
+        q = torch.where(bad, q_end, q)
+        tt = table.index_select(0, q)
 
-    def arrivals(y, p, active, k1):
-        """Record the elements that sit on their next grid point, apply doses, move on."""
-        moved = False
-        while True:
-            tt = next_point(p)
-            arrived = active & (t >= tt)
-            if not bool(arrived.any()):
-                break
-            offset = keep_state(y)
-            which = arrived.nonzero().squeeze(1)
-            g = which if full else rows.index_select(0, which)
-            keys.append(g * num_points + p.index_select(0, which))
-            places.append(which + offset)
-            if sched.has_jumps:
-                y = sched.apply_jumps(y, arrived, p.clamp(max=last_point), None if full else rows)
-            moved = True
-            p = p + arrived
-            active = active & (p < num_points)
-        if moved and (sched.has_jumps or getattr(f, "piecewise", False)):
-            f.segment_start = t  # type: ignore[attr-defined]
-            k1 = call(t, y)
-        return y, p, active, k1, tt
-
+    n_active = b
+    dirty = True  # active may have changed: count it, zero the step of inactive elements
+    first = True
+    it = 0  # loop iterations so far (no element has taken more steps)
     while True:
-        y, p, active, k1, tt = arrivals(y, p, active, k1)
-        n_active = int(active.sum())
+        arrived = t >= tt  # inactive elements wait for +inf
+        if bool(arrived.any()):
+            y, k1 = arrivals(y, k1, arrived, once=strict and not first)
+            dirty = True
+        first = False
+        if dirty:
+            count = int(active.sum())
+            if count < n_active or it == 0:
+                h = torch.where(active, h, torch.zeros((), dtype=dt, device=dev))
+            n_active, dirty = count, False
         if n_active == 0:
             break
         width = rows.shape[0]
         if n_active < compact_below * width and width > 16:
             # record the leaving elements' last state, then shrink the working set
+            flush()
             offset = keep_state(y)
             leaving = (~active).nonzero().squeeze(1)
             g = rows.index_select(0, leaving)
@@ -391,32 +498,39 @@ def integrate_dopri5(
             keep = active.nonzero().squeeze(1)
             rows = rows.index_select(0, keep)
             full = False
-            points = all_points.index_select(0, rows)
-            t, y, h, p, k1, tt = (x.index_select(0, keep) for x in (t, y, h, p, k1, tt))
+            t, y, h, q, q_end, k1, tt = (
+                x.index_select(0, keep) for x in (t, y, h, q, q_end, k1, tt)
+            )
             status, steps, rejected = (x.index_select(0, keep) for x in (status, steps, rejected))
             active = torch.ones_like(keep, dtype=torch.bool)
-        room = tt - t
-        h_eff = torch.where(active, torch.minimum(h, room), torch.zeros_like(h))
+        room = tt - t  # +inf for inactive elements, whose h is 0
+        h_eff = torch.minimum(h, room)
         f.segment_start = t  # type: ignore[attr-defined]
-        y5, err, k7 = stages(t, y, h_eff, k1)
+        y5, err, k7, t_end = stages(t, y, h_eff, k1)
+        finite = diverged = None
         with torch.no_grad():
-            scale = torch.maximum(y.abs(), y5.abs()).mul_(rtol).add_(atol)
-            ratio = err.div_(scale).square_().mean(-1).sqrt_().mul_(h_eff)
-            # a non-finite last stage makes the error estimate non-finite (its weight is not
-            # 0), so the ratio and the new state cover every stage
-            all_finite = bool(torch.isfinite(ratio.sum()) & (y5.abs().amax() <= limit))
-            diverged = None
+            a5 = y5.abs()
+            scale = torch.maximum(y.abs(), a5).mul_(rtol_e).add_(atol_e)
+            ratio = torch.linalg.vector_norm(err.div_(scale), dim=-1).mul_(h_eff)
+            # one read: a non-finite ratio (a non-finite last stage makes the error estimate
+            # non-finite, its weight is not 0, so the ratio and the new state cover every
+            # stage), the largest magnitude of the new state, the smallest active step
+            small = torch.where(active, h_eff, inf_t).amin()
+            total, top, smallest = torch.stack((ratio.sum(), a5.amax(), small)).tolist()
+            all_finite = total - total == 0.0 and top <= limit
             if not all_finite:
                 finite = torch.isfinite(ratio) & _healthy(y5, limit)
                 all_finite = bool(finite.all())  # else a sum overflowed, no element did
                 # finite but beyond the limit: a smaller step will not help, stop the element
                 diverged = active & torch.isfinite(y5).all(-1) & ~_healthy(y5, limit)
-        if not all_finite:
+                if all_finite:
+                    finite = None
+        if finite is not None:
             # run the step again without the failing elements, so that their values leave
             # no trace in the autograd graph
             idx = finite.nonzero().squeeze(1)
             f.segment_start = _take(t, idx)  # type: ignore[attr-defined]
-            y5_s, _, k7_s = stages(
+            y5_s, _, k7_s, _ = stages(
                 _take(t, idx),
                 y.index_select(0, idx),
                 h_eff.index_select(0, idx),
@@ -425,49 +539,66 @@ def integrate_dopri5(
             )
             y5 = torch.index_copy(y.detach(), 0, idx, y5_s)
             k7 = torch.index_copy(k1.detach(), 0, idx, k7_s)
-            ratio = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
+            # a failing active element is rejected (its factor becomes dfactor); an inactive
+            # one keeps ratio 0 (it is never counted as rejected)
+            fail = torch.where(active, inf, 0.0)
+            ratio = torch.where(finite, ratio, fail)
         with torch.no_grad():
-            accept = active & (ratio <= 1.0)
+            accept = (ratio <= 1.0) & active
+            refused = ratio > 1.0  # inactive elements have ratio 0
+            # safety < 1: a rejected step (ratio > 1) gets a factor below 1 without a cap
             factor = ratio.clamp(min=1e-10).pow_(-0.2).mul_(safety).clamp_(dfactor, ifactor)
-            factor = torch.where(accept, factor, factor.clamp(max=1.0))
-            if not all_finite:
-                factor = torch.where(finite, factor, torch.full_like(factor, dfactor))
             clipped = h_eff >= room
+            arrive = accept & clipped
             h_next = h_eff * factor
-            h_next = torch.where(accept & clipped, torch.maximum(h_next, h), h_next)
-            h = torch.where(active, h_next, h)
-            t = torch.where(accept, torch.where(clipped, tt, t + h_eff), t)
+            # a step clipped to a grid point does not shrink the next one
+            h = torch.where(arrive, torch.maximum(h_next, h), h_next)
+            t = torch.where(arrive, tt, torch.where(accept, t_end, t))
             steps += active
-            refused = active & ~accept
             rejected += refused
-            tiny = refused & (h <= 1e-13 * torch.clamp(t.abs(), min=1.0))
-            if not all_finite:
-                tiny_status = torch.where(finite, int(Status.STEP_TOO_SMALL), int(Status.NONFINITE))
-            else:
-                tiny_status = torch.full_like(status, int(Status.STEP_TOO_SMALL))
-            status = torch.where(tiny, tiny_status, status)
-            over = active & ~tiny & (steps >= max_steps) & ~(accept & clipped)
-            status = torch.where(over, int(Status.MAX_STEPS), status)
-            active = active & ~(tiny | over)
+            stop = None
+            if smallest <= tiny_screen or finite is not None:
+                tiny = refused & (h <= 1e-13 * torch.clamp(t.abs(), min=1.0))
+                if finite is not None:
+                    code = torch.where(finite, int(Status.STEP_TOO_SMALL), int(Status.NONFINITE))
+                    status = torch.where(tiny, code, status)
+                else:
+                    status = torch.where(tiny, int(Status.STEP_TOO_SMALL), status)
+                stop = tiny
+            if it + 1 >= max_steps:
+                over = active & (steps >= max_steps) & ~arrive
+                if stop is not None:
+                    over = over & ~stop
+                status = torch.where(over, int(Status.MAX_STEPS), status)
+                stop = over if stop is None else stop | over
             if diverged is not None:
                 status = torch.where(diverged, int(Status.NONFINITE), status)
-                active = active & ~diverged
+                stop = diverged if stop is None else stop | diverged
+            if stop is not None:
+                # stopped elements: cursor at the +inf entry, step 0 (see the docstring)
+                active = active & ~stop
+                q = torch.where(stop, q_end, q)
+                tt = table.index_select(0, q)
+                h = torch.where(stop, torch.zeros((), dtype=dt, device=dev), h)
+                dirty = True
         acc = accept.unsqueeze(-1)
         y = torch.where(acc, y5, y)
         k1 = torch.where(acc, k7, k1)
+        it += 1
 
+    flush()
     offset = keep_state(y)
     final_keys.append(rows)
     final_places.append(torch.arange(rows.shape[0], device=dev) + offset)
     out_status[rows], out_steps[rows], out_rejected[rows] = status, steps, rejected
     # resolve the records: where each element's grid points (or, for points it never reached,
     # its final state) sit in cat(hist)
-    point_place = torch.full((b * num_points,), -1, dtype=torch.long, device=dev)
+    point_place = torch.full((b * (num_points + 1),), -1, dtype=torch.long, device=dev)
     if keys:
         point_place.index_copy_(0, torch.cat(keys), torch.cat(places))
     final_place = torch.empty(b, dtype=torch.long, device=dev)
     final_place.index_copy_(0, torch.cat(final_keys), torch.cat(final_places))
-    point_place = point_place.view(b, num_points)
+    point_place = point_place.view(b, num_points + 1)[:, :num_points]
     reached = point_place >= 0
     flat_index = torch.where(reached, point_place, final_place.unsqueeze(1))
     obs_index = sched.obs_index.expand(b, -1)
