@@ -188,6 +188,12 @@ def fit(
     perm_gen = torch.Generator()
     perm_gen.manual_seed(0 if seed is None else seed)
 
+    attach = getattr(guide, "attach_training_data", None)
+    if callable(attach) and _is_dataset(data):
+        attach(data)  # a semi-amortized guide keeps one correction per training individual
+    # a guide may train different parameters in different phases of the fit
+    training_phase = getattr(guide, "training_phase", None)
+    training_phase = training_phase if callable(training_phase) else None
     # create every parameter (model and guide) with one pass on a minibatch
     first = data[torch.arange(batch)] if minibatching else data
     objective.differentiable_loss(model, guide, first)
@@ -278,6 +284,8 @@ def fit(
             cursor += batch
             minibatch = data[idx] if minibatching else data
             optimizer.zero_grad(set_to_none=True)
+            if training_phase is not None:
+                training_phase(step, num_steps)
             loss = objective.differentiable_loss(model, guide, minibatch)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(

@@ -449,9 +449,20 @@ class FitResult:
                 },
                 "history": self.history,
                 "data": _dataset_state(self.data),
+                "buffers": _module_buffers(self.guide),
             },
             Path(path),
         )
+
+
+def _module_buffers(guide) -> dict[str, torch.Tensor]:
+    """The guide's non-parameter state (an encoder's data scales, fixed on first use), which
+    Pyro's parameter store does not hold."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(guide, torch.nn.Module):
+        for name, buf in guide.named_buffers():
+            out[name] = buf.detach().cpu().clone()
+    return out
 
 
 def _dataset_state(data) -> dict[str, Any]:
@@ -483,9 +494,18 @@ def load(path: str | os.PathLike, model, guide=None) -> FitResult:
         from pyro_hds.guides import AmortizedGuide
 
         guide = AmortizedGuide.from_config(model, state["guide_config"] or {})
+    attach = getattr(guide, "attach_training_data", None)
+    if callable(attach):
+        attach(data)
     objective = IWAE(**state["objective"])
     pyro.clear_param_store()
     with torch.no_grad():
         objective.log_weights(model, guide, data[torch.arange(min(2, len(data)))])
     _load_param_state(state["params"])
+    saved = state.get("buffers", {})
+    if isinstance(guide, torch.nn.Module):
+        with torch.no_grad():
+            for name, buf in guide.named_buffers():
+                if name in saved:
+                    buf.copy_(saved[name].to(buf))
     return FitResult(model, guide, data, objective, state["history"])

@@ -240,3 +240,103 @@ def test_mlp_encoder_masks_shapes_and_round_trip():
     loss = pyro_hds.IWAE(num_particles=3).differentiable_loss(model, guide, data)
     loss.backward()
     assert guide.encoder.net[0].weight.grad is not None
+
+
+def _fit_briefly(data, guide, **kwargs):
+    return pyro_hds.fit(
+        model,
+        data,
+        guide=guide,
+        objective=pyro_hds.IWAE(num_particles=4),
+        num_steps=20,
+        progress=False,
+        **kwargs,
+    )
+
+
+def test_semi_amortized_corrections_reach_seen_individuals_only():
+    data = make_data(n=12)
+    pyro.clear_param_store()
+    plain = AmortizedGuide(model)
+    pyro.set_rng_seed(0)
+    plain(data)
+    base = {
+        k: (loc.detach(), s.detach()) for k, (loc, s) in plain.local_distributions(data).items()
+    }
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)  # same initial networks as `plain`
+    semi = AmortizedGuide(model, semi_amortized=True)
+    semi(data)
+    store = pyro.get_param_store()
+    assert tuple(store["AmortizedGuide.z.corrections"].shape) == (12, 2)
+    # zero corrections at the start: the same guide as the plain one
+    for k, (loc, s) in semi.local_distributions(data).items():
+        assert torch.equal(loc, base[k][0]) and torch.equal(s, base[k][1])
+    with torch.no_grad():
+        store["AmortizedGuide.z.corrections"][:, 0] = torch.arange(12.0)
+    out = semi.local_distributions(data)["z"][0] - base["z"][0]
+    assert torch.allclose(out, torch.arange(12.0), atol=1e-6)
+    # a subset, also as a standalone data set, finds its own rows by id
+    idx = torch.tensor([7, 2])
+    for sub in (data[idx], data[idx].standalone()):
+        out = semi.local_distributions(sub)["z"][0] - base["z"][0][idx]
+        assert torch.allclose(out, torch.tensor([7.0, 2.0]), atol=1e-6)
+    # new individuals with the same (default) ids but other data get the encoder alone
+    other = make_data(n=12, seed=1)
+    assert other.individual_ids == data.individual_ids
+    plain_other = plain.local_distributions(other)["z"][0]
+    assert torch.equal(semi.local_distributions(other)["z"][0], plain_other)
+
+
+def test_semi_amortized_needs_all_training_individuals():
+    data = make_data(n=12)
+    pyro.clear_param_store()
+    guide = AmortizedGuide(model, semi_amortized=True)
+    with pytest.raises(ValueError, match="attach_training_data"):
+        guide(data[torch.arange(4)])
+    guide = AmortizedGuide(model, semi_amortized=True)
+    guide.attach_training_data(data)
+    guide(data[torch.arange(4)])  # a minibatch is fine once the guide knows the whole set
+    with pytest.raises(ValueError, match="trained on 12"):
+        guide.attach_training_data(data[torch.arange(5)])
+
+
+@pytest.mark.parametrize("semi", [False, True])
+def test_fit_save_load_keeps_the_local_guide(tmp_path, semi):
+    # the encoder's data scales are buffers, not parameters: load must restore them too
+    data = make_data(n=12)
+    guide = AmortizedGuide(model, semi_amortized=semi)
+    result = _fit_briefly(data, guide, batch_size=4)
+    if semi:
+        corrections = pyro.get_param_store()["AmortizedGuide.z.corrections"].detach()
+        assert corrections.abs().sum() > 0  # trained
+    before = result.guide.local_distributions(data)["z"][0].detach()
+    result.save(tmp_path / "fit.pt")
+    loaded = pyro_hds.load(tmp_path / "fit.pt", model)
+    assert loaded.guide.semi_amortized == semi
+    after = loaded.guide.local_distributions(data)["z"][0].detach()
+    assert torch.allclose(before, after)
+
+
+def test_semi_amortized_trains_encoder_then_corrections():
+    data = make_data(n=12)
+    guide = AmortizedGuide(model, semi_amortized=True, refine_fraction=0.25)
+    snapshots = {}
+
+    def snapshot(step, loss):
+        if step in (14, 19):  # the last step of each phase (20 steps, the last 5 refine)
+            store = pyro.get_param_store()
+            snapshots[step] = {
+                "encoder": [p.detach().clone() for p in guide.encoder.parameters()],
+                "mu": store["AmortizedGuide.mu.loc"].detach().clone(),
+                "corrections": store["AmortizedGuide.z.corrections"].detach().clone(),
+            }
+
+    _fit_briefly(data, guide, batch_size=6, callback=snapshot)
+    first, last = snapshots[14], snapshots[19]
+    assert float(first["corrections"].abs().max()) == 0.0  # not trained in the first phase
+    assert float(last["corrections"].abs().max()) > 0.0
+    assert all(torch.equal(a, b) for a, b in zip(first["encoder"], last["encoder"]))  # frozen
+    assert not torch.equal(first["mu"], last["mu"])  # the globals keep learning
+    with pytest.raises(ValueError, match="refine_fraction"):
+        AmortizedGuide(model, semi_amortized=True, refine_fraction=1.0)

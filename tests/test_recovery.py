@@ -8,6 +8,9 @@ held out of the first fit): one on the 60 training patients, one on all 72. Crit
   inside the central 99.8% of Binomial(72, 0.9), i.e. 56 to 71;
 * recovery: the true population and group parameters lie inside their 99.8% posterior
   intervals (3.1 posterior SD for a normal posterior);
+* the same recovery for a third fit on all 72 patients with
+  ``AmortizedGuide(semi_amortized=True)``, including the noise SD, which the purely amortized
+  guide overestimates (a strict xfail records that);
 * amortization: for the 12 held-out patients, ``predict()`` from the first fit and the
   posterior from the fit that saw them agree: every posterior mean within 0.5 posterior SD
   (the Monte Carlo error of a difference of two 300-draw means is about 0.1 SD, and the
@@ -29,11 +32,12 @@ PER_GROUP, HELD = 24, 4
 DRAWS, K_POST, K_NEW = 300, 256, 1024
 
 
-def _fit(data):
+def _fit(data, semi=False):
     pyro.clear_param_store()
     return pyro_hds.fit(
         pk_oral.model,
         data,
+        guide=pyro_hds.AmortizedGuide(pk_oral.model, semi_amortized=semi),
         objective=pyro_hds.IWAE(num_particles=16),
         num_steps=1000,
         batch_size=24,
@@ -55,8 +59,9 @@ def setting():
     full = _fit(data)
     posterior = full.posterior(num_samples=DRAWS, num_particles=K_POST, seed=1)
     seen = full.posterior(new, num_samples=DRAWS, num_particles=K_NEW, seed=2)
+    semi = _fit(data, semi=True).posterior(num_samples=DRAWS, num_particles=K_POST, seed=1)
     pyro.clear_param_store()
-    return dict(truth=truth, predicted=predicted, posterior=posterior, seen=seen)
+    return dict(truth=truth, predicted=predicted, posterior=posterior, seen=seen, semi=semi)
 
 
 @pytest.mark.parametrize("name", ["ka", "cl", "v"])
@@ -68,8 +73,8 @@ def test_individual_intervals_are_calibrated(setting, name):
     assert 56 <= covered <= 71, f"{name}: {covered} of 72 intervals cover the truth"
 
 
-def _inside(name, setting, q=0.001):
-    d = setting["posterior"].samples[name].double().reshape(DRAWS, -1)
+def _inside(name, setting, q=0.001, fit="posterior"):
+    d = setting[fit].samples[name].double().reshape(DRAWS, -1)
     true = setting["truth"][name].double().reshape(-1)
     lo, hi = torch.quantile(d, q, dim=0), torch.quantile(d, 1 - q, dim=0)
     return bool(((lo <= true) & (true <= hi)).all()), (d.mean(0), d.std(0), true)
@@ -83,13 +88,21 @@ def test_population_parameters_are_recovered(setting, name):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known bias: with the mean-field amortized guide the noise SD comes out high and "
-    "the random-effect SD low (about 0.12 and 0.18 for true 0.1 and 0.2; issue 3 note); the "
-    "random-effect SD still falls inside its 99.8% interval, the noise SD does not",
+    reason="known bias: with the purely amortized guide the noise SD comes out high (about "
+    "0.12 for a true 0.1: the encoder's approximation gap shrinks as the noise grows); "
+    "AmortizedGuide(semi_amortized=True) removes most of it (next test)",
 )
 @pytest.mark.parametrize("name", ["sigma"])
 def test_variance_parameters_are_recovered(setting, name):
     ok, detail = _inside(name, setting)
+    assert ok, f"{name}: mean, sd, truth = {detail}"
+
+
+@pytest.mark.parametrize(
+    "name", ["sigma", "omega", "ka_pop", "cl_pop", "v_pop", "group_sd", "cl_group"]
+)
+def test_semi_amortized_fit_recovers_every_population_parameter(setting, name):
+    ok, detail = _inside(name, setting, fit="semi")
     assert ok, f"{name}: mean, sd, truth = {detail}"
 
 
