@@ -349,6 +349,7 @@ def run_pyro_hds(
     draws: int,
     draw_particles: int,
     seed: int,
+    semi_amortized: bool = False,
 ) -> tuple[Run, Any]:
     """Fit ``pk_oral.model`` (IWAE with ``particles``, lr 0.02) and draw its posterior with
     ``draw_particles`` importance particles per individual; returns the run and FitResult."""
@@ -358,6 +359,7 @@ def run_pyro_hds(
         result = pyro_hds.fit(
             pk_oral.model,
             data,
+            guide=pyro_hds.AmortizedGuide(pk_oral.model, semi_amortized=semi_amortized),
             objective=pyro_hds.IWAE(num_particles=particles, dreg=dreg),
             num_steps=steps,
             batch_size=min(batch_size, len(data)),
@@ -462,6 +464,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=16,
         help="importance particles per individual for the posterior draws and predictions",
     )
+    p.add_argument(
+        "--semi-amortized",
+        action="store_true",
+        help="AmortizedGuide(semi_amortized=True): a learned correction per individual",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.new = [12], 24
@@ -505,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"pyro_hds: {args.steps} steps, batch {args.batch_size}, IWAE K = {args.particles}"
-        f"{' (DReG)' if args.dreg else ''}, lr 0.02, RK4(substeps=4), float32; "
+        f"{' (DReG)' if args.dreg else ''}"
+        f"{', semi-amortized guide' if args.semi_amortized else ''}"
+        ", lr 0.02, RK4(substeps=4), float32; "
         f"{args.draws} draws with {args.draw_particles} importance particles per individual."
     )
     new_data, new_truth = make_data(args.new, args.seed + 1000)
@@ -532,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             draws=args.draws,
             draw_particles=args.draw_particles,
             seed=args.seed,
+            semi_amortized=args.semi_amortized,
         )
         predicted = {
             k: run_predict(result, new_data, args.draws, k, args.seed)
