@@ -28,6 +28,9 @@ import torch
 import pyro_hds
 from pyro_hds.models import pk_oral
 
+# three fits of 1000 steps (several minutes): outside the default run, .ci/run runs them
+pytestmark = pytest.mark.slow
+
 PER_GROUP, HELD = 24, 4
 DRAWS, K_POST, K_NEW = 300, 256, 1024
 
