@@ -145,6 +145,9 @@ class AmortizedGuide(AutoGuide):
         self._train_rows: dict[Any, int] | None = None
         self._train_prints: torch.Tensor | None = None
         self.refine_fraction = float(refine_fraction)
+        # None: encoder and corrections learn together (training outside fit); False / True:
+        # fit's first / second phase (see training_phase)
+        self._refining: bool | None = None
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=None)
         self.init_loc_fn = init_loc_fn
         self.init_scale = float(init_scale)
@@ -176,16 +179,13 @@ class AmortizedGuide(AutoGuide):
     def training_phase(self, step: int, num_steps: int) -> None:
         """Called by :func:`pyro_hds.fit` before every step. A ``semi_amortized`` guide first
         trains everything but its corrections (the encoder learns as in a purely amortized
-        fit); for the last ``refine_fraction`` of the steps it freezes the encoder and its
-        heads and trains the corrections (with the globals and group latents)."""
+        fit); for the last ``refine_fraction`` of the steps it keeps the encoder and its heads
+        fixed and trains the corrections (with the globals and group latents). The parts that
+        wait get no gradient (their outputs are detached), so the optimizer leaves them as they
+        are. Outside :func:`pyro_hds.fit` (no calls), both learn together from the start."""
         if not self.semi_amortized or self.heads is None or self.encoder is None:
             return
-        refining = step >= round(num_steps * (1.0 - self.refine_fraction))
-        for module in (self.encoder, self.heads):
-            for p in module.parameters():
-                p.requires_grad_(not refining)
-        for name in self.heads:
-            pyro.param(f"{self._prefix}.{name}.corrections").requires_grad_(refining)
+        self._refining = step >= round(num_steps * (1.0 - self.refine_fraction))
 
     def _training_rows(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, seen)``: each individual's row among the training individuals and whether
@@ -398,6 +398,7 @@ class AmortizedGuide(AutoGuide):
         rows = seen = None
         if self.semi_amortized:
             rows, seen = self._training_rows(data)
+            all_seen = bool(seen.all())
             if not bool(seen.any()):
                 rows = seen = None
         out = {}
@@ -405,8 +406,14 @@ class AmortizedGuide(AutoGuide):
             size = max(1, math.prod(self._shapes[name]))
             h = head(x)
             if rows is not None and seen is not None:
-                corrections = pyro.param(f"{self._prefix}.{name}.corrections")
-                h = h + corrections[rows] * seen.unsqueeze(-1).to(h.dtype)
+                corrections = pyro.param(f"{self._prefix}.{name}.corrections")[rows]
+                if self._refining:  # the encoder is fixed while the corrections learn
+                    # (all seen: detach whole, so the encoder gets no gradient, not a zero one,
+                    # and Adam's momentum does not move it)
+                    h = h.detach() if all_seen else torch.where(seen.unsqueeze(-1), h.detach(), h)
+                elif self._refining is not None:  # the corrections wait while the encoder learns
+                    corrections = corrections.detach()
+                h = h + corrections * seen.unsqueeze(-1).to(h.dtype)
             loc = h[:, :size].reshape(n, *self._shapes[name])
             scale = nn.functional.softplus(h[:, size:]).reshape(n, *self._shapes[name]) + 1e-6
             out[name] = (loc, scale)
