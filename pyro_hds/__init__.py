@@ -34,6 +34,7 @@ _EXPORTS = {
     "ConvEncoder": "pyro_hds.encoders",
     "MaskedEncoder": "pyro_hds.encoders",
     "AmortizedGuide": "pyro_hds.guides",
+    "init_to_prior_median": "pyro_hds.guides",
     "fit": "pyro_hds.fit",
     "FitResult": "pyro_hds.results",
     "Posterior": "pyro_hds.results",
