@@ -21,7 +21,10 @@ with the closed-form concentration :math:`C` of ``pk_oral`` (superposed Bateman 
 Sides.
 
 * NumPyro NUTS (an optional peer: ``pip install -e '.[peers]'``) runs on the closed form
-  written in ``jax.numpy`` (:func:`closed_form`), the best case for NUTS: no ODE solver.
+  written in ``jax.numpy`` (:func:`closed_form`), the best case for NUTS: no ODE solver. With
+  ``--nuts-ode`` it integrates the ODE instead, by the method pyro_hds uses (RK4, 4 substeps
+  per observation interval, :func:`rk4_concentration`, compiled by XLA): the comparison a user
+  of a model without a closed form faces.
   :func:`numpyro_model` is centred by default, site for site the parameterisation of
   ``pk_oral.model``; ``centered=False`` gives the non-centred form, :math:`\log CL_g = \log
   CL_\mathrm{pop} + s_g z_g`, :math:`\log k_{a,i} = \log k_{a,\mathrm{pop}} + \omega z_{k,i}`
@@ -144,16 +147,30 @@ def concat(a: Dataset, b: Dataset) -> Dataset:
     )
 
 
-def numpyro_inputs(data: Dataset) -> dict[str, Any]:
+def numpyro_inputs(data: Dataset, ode: bool = False) -> dict[str, Any]:
     """The arrays :func:`numpyro_model` takes, as numpy (float64; the model casts them).
 
     ``obs`` and ``mask`` ``(N, T)``, ``times`` ``(T,)`` or ``(N, T)``, ``groups`` ``(N,)``,
-    ``dose_times`` and ``dose_amounts`` ``(N, M)``, ``num_groups``.
+    ``dose_times`` and ``dose_amounts`` ``(N, M)``, ``num_groups``. With ``ode``, every dose
+    must fall at t = 0 or on its individual's observation times (where
+    :func:`rk4_concentration` applies doses).
     """
     if data.num_channels != 1 or data.num_inputs != 0 or data.doses is None:
         raise ValueError("numpyro_inputs(): expects pk_oral data (one channel, doses)")
     if bool((data.doses.targets != 0).any()):
         raise ValueError("numpyro_inputs(): the closed form needs every dose into the gut")
+    if ode:
+        times = data.times.expand(len(data), -1)  # (N, T)
+        dose = data.doses.times  # (N, M)
+        on_grid = (dose[:, None, :] == times[:, :, None]).any(1)
+        placed = on_grid | (dose == 0) | (dose > times[:, -1:])
+        if not bool(placed.all()):
+            i = int((~placed).any(-1).nonzero()[0])
+            raise ValueError(
+                f"numpyro_inputs(ode=True): individual {data.individual_ids[i]} has a dose "
+                "between observation times; the RK4 solve applies doses only at t = 0 and at "
+                "observation times"
+            )
 
     def np_(x: torch.Tensor) -> np.ndarray:
         return x.detach().cpu().double().numpy()
@@ -195,6 +212,54 @@ def closed_form(times, ka, cl, v, dose_times, dose_amounts):
     return jnp.where(after, term, 0.0).sum(-1)
 
 
+def rk4_concentration(times, ka, cl, v, dose_times, dose_amounts, t0=0.0, substeps: int = 4):
+    r"""``pk_oral``'s ODE solved in ``jax.numpy`` the way pyro_hds's ``RK4(substeps)`` solves
+    it: ``(N, T)`` concentrations :math:`A_c / V` for ``ka, cl, v`` ``(N,)``, ``times`` ``(T,)``
+    or ``(N, T)`` and doses ``(N, M)``.
+
+    From :math:`A(t_0) = 0` plus the doses at :math:`t_0`, each interval between consecutive
+    observation times is covered by ``substeps`` classical Runge-Kutta steps of
+    :math:`\dot A_g = -k_a A_g,\ \dot A_c = k_a A_g - (CL/V) A_c`; the state at an observation
+    time is recorded before the doses given at that time are added (the left limit, as in
+    pyro_hds and in :func:`closed_form`). Doses must fall on ``t0`` or on an observation time
+    (:func:`numpyro_inputs` checks it). Loops are ``lax.scan``, so XLA compiles one interval.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = ka.shape[0]
+    t = jnp.broadcast_to(times, (n, times.shape[-1]))
+    start = jnp.full((n, 1), t0, dtype=t.dtype)
+    grid = jnp.concatenate([start, t], axis=1)  # (N, T + 1)
+    k = cl / v
+
+    def rhs(y):
+        gut, central = y[:, 0], y[:, 1]
+        return jnp.stack([-ka * gut, ka * gut - k * central], axis=-1)
+
+    def dosed(y, at):  # add the doses given at time `at` (N,) to the gut
+        amount = jnp.sum(jnp.where(dose_times == at[:, None], dose_amounts, 0.0), axis=-1)
+        return y.at[:, 0].add(amount)
+
+    def interval(y, ends):
+        t_start, t_end = ends
+        h = ((t_end - t_start) / substeps)[:, None]
+
+        def step(y, _):
+            k1 = rhs(y)
+            k2 = rhs(y + 0.5 * h * k1)
+            k3 = rhs(y + 0.5 * h * k2)
+            k4 = rhs(y + h * k3)
+            return y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), None
+
+        y, _ = jax.lax.scan(step, y, None, length=substeps)
+        return dosed(y, t_end), y
+
+    y0 = dosed(jnp.zeros((n, 2), dtype=t.dtype), grid[:, 0])
+    _, states = jax.lax.scan(interval, y0, (grid[:, :-1].T, grid[:, 1:].T))  # (T, N, 2)
+    return states[..., 1].T / v[:, None]
+
+
 def numpyro_model(
     obs,
     mask,
@@ -204,8 +269,10 @@ def numpyro_model(
     dose_amounts,
     num_groups: int,
     centered: bool = True,
+    ode: bool = False,
 ) -> None:
-    """``pk_oral.model`` in NumPyro with the closed form (see the module docstring).
+    """``pk_oral.model`` in NumPyro with the closed form (see the module docstring), or with
+    the RK4 solution of its ODE if ``ode``.
 
     Sites: the globals of ``pk_oral`` and ``cl_group`` ``(G,)``, ``ka``, ``cl``, ``v`` ``(N,)``
     (deterministic when non-centred, beside the standard normal ``*_z`` sites), and ``y``
@@ -237,7 +304,8 @@ def numpyro_model(
         ka = lognormal("ka", jnp.log(ka_pop), omega)
         cl = lognormal("cl", jnp.log(cl_group)[groups], omega)
         v = lognormal("v", jnp.log(v_pop), omega)
-        conc = closed_form(times, ka, cl, v, dose_times, dose_amounts)
+        concentration = rk4_concentration if ode else closed_form
+        conc = concentration(times, ka, cl, v, dose_times, dose_amounts)
         numpyro.sample("y", nd.Normal(conc, sigma).mask(mask).to_event(1), obs=obs)
 
 
@@ -305,8 +373,9 @@ class _CompileClock:
         jax.monitoring.unregister_event_duration_listener(self)
 
 
-def run_nuts(data: Dataset, warmup: int, draws: int, seed: int) -> Run:
-    """NUTS on ``data`` (the centred closed-form model), one chain, from cold JIT caches.
+def run_nuts(data: Dataset, warmup: int, draws: int, seed: int, ode: bool = False) -> Run:
+    """NUTS on ``data`` (the centred model; closed form, or the RK4 solve if ``ode``), one
+    chain, from cold JIT caches.
 
     Returns the draws of the sites of ``pk_oral`` and, in ``extra``, the seconds of the run
     spent lowering and compiling XLA programs (from ``jax.monitoring``), the smallest bulk ESS
@@ -316,7 +385,7 @@ def run_nuts(data: Dataset, warmup: int, draws: int, seed: int) -> Run:
     import jax
     from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 
-    kwargs = numpyro_inputs(data)
+    kwargs = dict(numpyro_inputs(data, ode=ode), ode=ode)
     jax.clear_caches()  # as in a fresh process: the run compiles everything it needs
     with _CompileClock() as clock:
         (mcmc, samples), wall, cpu = timed(lambda: _mcmc(kwargs, warmup, draws, seed))
@@ -465,6 +534,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="importance particles per individual for the posterior draws and predictions",
     )
     p.add_argument(
+        "--nuts-ode",
+        action="store_true",
+        help="NUTS integrates the ODE (RK4, 4 substeps, in jax) instead of the closed form",
+    )
+    p.add_argument(
         "--semi-amortized",
         action="store_true",
         help="AmortizedGuide(semi_amortized=True): a learned correction per individual",
@@ -507,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}"
     )
     print(
-        f"NUTS: 1 chain, {args.warmup} warm-up + {args.draws} draws, centred closed-form model, "
+        f"NUTS: 1 chain, {args.warmup} warm-up + {args.draws} draws, centred model "
+        f"({'RK4(substeps=4) ODE solve in jax' if args.nuts_ode else 'closed form'}), "
         f"float32, seed {args.seed}."
     )
     print(
@@ -528,9 +603,9 @@ def main(argv: list[str] | None = None) -> int:
         data, _ = make_data(n, args.seed)
         both = concat(data, new_data)
         print(f"\nN = {n}: NUTS ...", flush=True)
-        nuts = run_nuts(data, args.warmup, args.draws, args.seed)
+        nuts = run_nuts(data, args.warmup, args.draws, args.seed, ode=args.nuts_ode)
         print(f"N = {n}: NUTS on {len(both)} (training + new) ...", flush=True)
-        nuts_new = run_nuts(both, args.warmup, args.draws, args.seed)
+        nuts_new = run_nuts(both, args.warmup, args.draws, args.seed, ode=args.nuts_ode)
         print(f"N = {n}: pyro_hds ...", flush=True)
         hds, result = run_pyro_hds(
             data,

@@ -92,7 +92,21 @@ LOG_DENSITY_SCRIPT = textwrap.dedent(
             data.times, values["ka"][:, None], values["cl"][:, None], values["v"][:, None],
             pk_oral.DOSE_TIMES, [pk_oral.DOSE_AMOUNT] * len(pk_oral.DOSE_TIMES),
         )
+        # the RK4 variant: the same arithmetic as pyro_hds's RK4(substeps=4)
+        rk4 = bench.rk4_concentration(
+            jnp.asarray(kwargs["times"]), params["ka"], params["cl"], params["v"],
+            jnp.asarray(kwargs["dose_times"]), jnp.asarray(kwargs["dose_amounts"]),
+        )
+        rk4_trace = poutine.trace(model).get_trace(data, solver=pyro_hds.RK4(substeps=4))
+        torch_rk4 = (rk4_trace.nodes["x"]["value"][..., 1] / values["v"][:, None]).numpy()
+        ode_lp, _ = log_density(
+            bench.numpyro_model, (), dict(kwargs, centered=True, ode=True), params
+        )
         out.append({
+            "rk4_dev": float(np.max(np.abs(np.asarray(rk4) - torch_rk4))),
+            "rk4_vs_exact": float(np.max(np.abs(np.asarray(rk4) - exact.numpy()))),
+            "rk4_pyro": float(rk4_trace.log_prob_sum()),
+            "ode_centred": float(ode_lp),
             "pyro": pyro_lp,
             "centred": float(centred),
             "noncentred": float(noncentred),
@@ -134,6 +148,11 @@ def test_numpyro_model_has_pyro_log_density(numpyro_installed):
         assert r["dtype"] == "float64"
         # closed forms agree to float64 round-off (terms of size ~ max concentration)
         assert r["closed_form_dev"] <= 1e-12 * r["closed_form_max"]
+        # the jax RK4 solve is pyro_hds's RK4 (same steps; float64 round-off apart), and it
+        # differs from the exact solution by RK4's truncation error (not zero)
+        assert r["rk4_dev"] <= 1e-12 * r["closed_form_max"]
+        assert 1e-9 * r["closed_form_max"] < r["rk4_vs_exact"] < 1e-2 * r["closed_form_max"]
+        assert r["ode_centred"] == pytest.approx(r["rk4_pyro"], rel=1e-10)
         # same model: the log joints agree up to the ODE solve's error (tolerance 1e-11)
         assert math.isfinite(r["pyro"])
         assert r["centred"] == pytest.approx(r["pyro"], rel=1e-6)
