@@ -515,7 +515,9 @@ def ratio(a: float, b: float) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[12, 100, 1000])
-    p.add_argument("--new", type=int, default=1000, help="NEW individuals to predict")
+    p.add_argument(
+        "--new", type=int, default=1000, help="NEW individuals to predict (0: skip that part)"
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: N = 12, tiny settings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch and XLA CPU threads")
@@ -545,10 +547,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes, args.new = [12], 24
+        args.sizes, args.new = [12], min(args.new, 24)
         args.warmup, args.draws, args.steps = 20, 20, 20
         args.particles, args.draw_particles = 4, 4
-    for name in ("new", "warmup", "draws", "steps", "batch_size", "particles", "draw_particles"):
+    if args.new < 0:
+        p.error("--new must be >= 0")
+    for name in ("warmup", "draws", "steps", "batch_size", "particles", "draw_particles"):
         if getattr(args, name) < 1 or (name in ("warmup", "draws") and getattr(args, name) < 4):
             p.error(f"--{name.replace('_', '-')} is too small")
     if min(args.sizes) < NUM_GROUPS:
@@ -592,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         ", lr 0.02, RK4(substeps=4), float32; "
         f"{args.draws} draws with {args.draw_particles} importance particles per individual."
     )
-    new_data, new_truth = make_data(args.new, args.seed + 1000)
+    new_data, new_truth = make_data(max(args.new, NUM_GROUPS), args.seed + 1000)
     print(
         "RK4(substeps=4) against the closed form at the true parameters of the new "
         f"individuals: max deviation {solver_deviation(new_data, new_truth):.3g} sigma"
@@ -601,11 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in args.sizes:
         data, _ = make_data(n, args.seed)
-        both = concat(data, new_data)
         print(f"\nN = {n}: NUTS ...", flush=True)
         nuts = run_nuts(data, args.warmup, args.draws, args.seed, ode=args.nuts_ode)
-        print(f"N = {n}: NUTS on {len(both)} (training + new) ...", flush=True)
-        nuts_new = run_nuts(both, args.warmup, args.draws, args.seed, ode=args.nuts_ode)
+        nuts_new = None
+        if args.new:
+            both = concat(data, new_data)
+            print(f"N = {n}: NUTS on {len(both)} (training + new) ...", flush=True)
+            nuts_new = run_nuts(both, args.warmup, args.draws, args.seed, ode=args.nuts_ode)
         print(f"N = {n}: pyro_hds ...", flush=True)
         hds, result = run_pyro_hds(
             data,
@@ -621,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         predicted = {
             k: run_predict(result, new_data, args.draws, k, args.seed)
             for k in dict.fromkeys((1, args.draw_particles))
+            if nuts_new is not None
         }
         rows.append(
             {
@@ -633,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                 "new_errors": {
                     k: local_errors(p.draws, nuts_new.draws, slice(n, None))
                     for k, p in predicted.items()
+                    if nuts_new is not None
                 },
             }
         )
@@ -674,6 +682,24 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         "NUTS's own Monte Carlo error is about 1 / sqrt(ESS) in these units"
     )
 
+    if args.new:
+        _report_new(rows, args)
+
+    print("\nNUTS mean leapfrog steps per iteration, and CPU seconds / wall seconds:")
+    for r in rows:
+        parts = {"nuts": r["nuts"], "pyro_hds": r["hds"]}
+        if r["nuts_new"] is not None:
+            parts["nuts_new"] = r["nuts_new"]
+        parts.update({f"predict K={k}": p for k, p in r["predicted"].items()})
+        text = ", ".join(f"{k} {v.cpu_seconds / v.seconds:.2f}" for k, v in parts.items())
+        steps = f"{r['nuts'].extra['mean_steps']:.0f}"
+        if r["nuts_new"] is not None:
+            steps += f" / {r['nuts_new'].extra['mean_steps']:.0f}"
+        print(f"  N = {r['n']}: steps {steps}; CPU/wall {text}")
+    _report_targets(rows, args)
+
+
+def _report_new(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\n### Time to a posterior for {args.new} NEW individuals\n")
     ks = list(rows[0]["predicted"])
     head = ["N", "NUTS on N + new"]
@@ -695,14 +721,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         "mean_NUTS| / sd_NUTS."
     )
 
-    print("\nNUTS mean leapfrog steps per iteration, and CPU seconds / wall seconds:")
-    for r in rows:
-        parts = {"nuts": r["nuts"], "nuts_new": r["nuts_new"], "pyro_hds": r["hds"]}
-        parts.update({f"predict K={k}": p for k, p in r["predicted"].items()})
-        text = ", ".join(f"{k} {v.cpu_seconds / v.seconds:.2f}" for k, v in parts.items())
-        steps = f"{r['nuts'].extra['mean_steps']:.0f} / {r['nuts_new'].extra['mean_steps']:.0f}"
-        print(f"  N = {r['n']}: steps {steps}; CPU/wall {text}")
 
+def _report_targets(rows: list[dict], args: argparse.Namespace) -> None:
     print("\n### Targets\n")
     for r in rows:
         worst = max(r["errors"].values())

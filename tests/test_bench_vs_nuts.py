@@ -195,16 +195,21 @@ def _tables(out: str) -> list[list[list[str]]]:
     return tables
 
 
-def test_quick_run(numpyro_installed):
+def _quick(*extra: str) -> str:
+    """stdout of ``vs_nuts.py --quick *extra``, which must exit 0."""
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick"],
+        [sys.executable, str(SCRIPT), "--quick", *extra],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_quick_run(numpyro_installed):
+    out = _quick()
     assert "torch threads 1" in out
     assert re.search(r"jax \S+ \(cpu\), numpyro \S+", out)
     deviation = re.search(r"max deviation (\S+) sigma", out)
@@ -241,3 +246,13 @@ def test_quick_run(numpyro_installed):
 
     verdicts = re.findall(r"^- N = 12: .*: (met|MISSED) \(", out, flags=re.M)
     assert len(verdicts) == 4, out
+
+
+def test_quick_run_with_ode_nuts_and_no_new_individuals(numpyro_installed):
+    out = _quick("--nuts-ode", "--new", "0")
+    assert "centred model (RK4(substeps=4) ODE solve in jax)" in out
+    # only the population table; two verdicts (population means, speed)
+    tables = _tables(out)
+    assert len(tables) == 1 and tables[0][1][0] == "12"
+    assert "NEW individuals" not in out
+    assert len(re.findall(r"^- N = 12: .*: (met|MISSED) \(", out, flags=re.M)) == 2, out
