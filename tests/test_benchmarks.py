@@ -118,19 +118,25 @@ def test_quick_run():
     assert "target >= 3" in out
 
 
-@pytest.mark.skipif(
-    not (ROOT.parent / "shared" / "data" / "vi-hds").exists(),
-    reason="vi-hds data not found (../shared/data)",
-)
-def test_vihds_epoch_quick_run():
+def _run_quick(script: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script> --quick *extra`` and check that it exits 0."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "vihds_epoch.py"), "--quick", "--threads", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *extra],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.skipif(
+    not (ROOT.parent / "shared" / "data" / "vi-hds").exists(),
+    reason="vi-hds data not found (../shared/data)",
+)
+def test_vihds_epoch_quick_run():
+    proc = _run_quick("vihds_epoch.py", "--threads", "1")
     assert "234 training wells" in proc.stdout and "7 steps per epoch" in proc.stdout
     assert re.search(r"pyro_hds: \S+ m?s per epoch \(median of 1\)", proc.stdout), proc.stdout
 
@@ -140,14 +146,7 @@ def test_vihds_epoch_quick_run():
     reason="vi-hds data not found (../shared/data)",
 )
 def test_vihds_cv_quick_run():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "vihds_cv.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_quick("vihds_cv.py")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == [
         "fold 0",
@@ -158,6 +157,19 @@ def test_vihds_cv_quick_run():
     # every split has a finite bound; the two folds' test wells cover all 312
     assert sum(int(r.split("|")[2]) for r in rows[1:3]) == 312
     assert all(math.isfinite(float(r.split("|")[3].split()[0])) for r in rows[1:])
+
+
+@pytest.mark.skipif(
+    not (ROOT.parent / "shared" / "data" / "vi-hds").exists(),
+    reason="vi-hds data not found (../shared/data)",
+)
+def test_vihds_early_quick_run():
+    proc = _run_quick("vihds_early.py")
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows[1:]] == ["base", "sampled", "noclip", "outer"]
+    # one seed: its bound, the mean (equal to it) and a fit time
+    for r in rows[1:]:
+        assert math.isfinite(float(r[1])) and float(r[1]) == float(r[2])
 
 
 FAKE_REFERENCE = """

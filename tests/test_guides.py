@@ -342,10 +342,10 @@ def test_semi_amortized_trains_encoder_then_corrections():
         AmortizedGuide(model, semi_amortized=True, refine_fraction=1.0)
 
 
-def test_prior_median_init_is_exact():
-    """With init_to_prior_median, globals and group latents start at F^{-1}(1/2) of their
-    priors exactly (the default, a median of 15 draws, misses LogNormal(-12, 3)'s log-median
-    by about one unit)."""
+def test_default_init_is_the_exact_prior_median():
+    """By default globals and group latents start at F^{-1}(1/2) of their priors exactly (a
+    median of 15 draws, Pyro's init_to_median, misses LogNormal(-12, 3)'s log-median by about
+    one unit)."""
 
     def wide(data):
         pyro.sample("k", dist.LogNormal(-12.0, 3.0))
@@ -360,7 +360,7 @@ def test_prior_median_init_is_exact():
     data = make_data()
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    guide = AmortizedGuide(wide, init_loc_fn=pyro_hds.init_to_prior_median)
+    guide = AmortizedGuide(wide)
     guide(data)
     store = pyro.get_param_store()
     torch.testing.assert_close(store["AmortizedGuide.k.loc"], torch.tensor(-12.0))
