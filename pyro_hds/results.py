@@ -106,8 +106,13 @@ def _level(site: dict) -> str:
 
 
 def _pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
-    """Pareto k-hat of importance weights along the last dim (ArviZ's PSIS); NaN when the
-    tail has fewer than 5 draws (K < 25)."""
+    """Pareto k-hat of importance weights along the last dim (ArviZ's PSIS: the shape of a
+    generalised Pareto distribution fitted to the largest weights; above 0.7 the importance
+    estimate is unreliable); NaN when the tail has fewer than 5 draws (K < 25).
+
+    A set of weights whose tail cannot be fitted (fewer nonzero weights than the tail has
+    draws, e.g. when most particles' ODE solutions failed, or a tail of equal values) gets
+    k-hat = inf: the importance sampler is as unreliable as it gets."""
     from arviz_stats.base import array_stats
 
     lw = log_weights.detach().double().cpu().numpy()
@@ -115,8 +120,28 @@ def _pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
     if min(0.2 * k, 3 * np.sqrt(k)) < 5:
         return torch.full(lw.shape[:-1], math.nan, dtype=torch.float64)
     flat = np.nan_to_num(lw.reshape(-1, k), nan=-1e300, neginf=-1e300)
-    _, khat = array_stats.psislw(flat, r_eff=1.0, axis=-1)
-    return torch.as_tensor(np.asarray(khat, dtype=np.float64).reshape(lw.shape[:-1]))
+
+    def fit(rows: np.ndarray) -> np.ndarray:
+        # array_stats.psislw takes log-likelihood-like values and smooths the weights
+        # exp(-ary) (its LOO use): pass the negated log weights, or it fits the tail of 1 / w
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            khat = array_stats.psislw(-rows, r_eff=1.0, axis=-1)[1]
+        return np.asarray(khat, dtype=np.float64)
+
+    try:
+        khat = fit(flat)
+    except ValueError:  # a degenerate row fails the whole call: fit the rows one by one
+        khat = np.empty(flat.shape[0])
+        for i, row in enumerate(flat):
+            try:
+                khat[i] = fit(row[None])[0]
+            except ValueError:
+                khat[i] = math.inf
+    # a tail that reaches zero weights (failed particles) says nothing about the tail's shape
+    tail = math.ceil(min(0.2 * k, 3 * math.sqrt(k)))
+    nonzero = (flat > -1e300).sum(-1)
+    khat = np.where(np.isfinite(khat) & (nonzero > tail), khat, math.inf)
+    return torch.as_tensor(khat.reshape(lw.shape[:-1]))
 
 
 def _ess(log_weights: torch.Tensor) -> torch.Tensor:

@@ -241,3 +241,29 @@ def test_results_keep_their_parameters_and_fits_do_not_leak(small_data):
     assert second.encode(data, num_samples=5, seed=0)["cl"].shape == before.shape
     with first.parameters():
         assert set(pyro.get_param_store().keys()) == set(fresh)
+
+
+def test_pareto_k_of_degenerate_weights_is_inf_not_an_error():
+    """Most particles failed (weight 0) or a tail of equal weights: PSIS cannot fit the tail;
+    that individual's k-hat is inf, the others' are computed as usual, and nothing warns."""
+    import warnings
+
+    import numpy as np
+
+    from pyro_hds.results import _pareto_k
+
+    gen = np.random.default_rng(0)
+    lw = np.empty((4, 1024))
+    # Pareto weights w = U^(-0.3): tail index k = 0.3 (PSIS's standard error with a tail of
+    # 96 draws is about (1 + k) / sqrt(96) = 0.13)
+    lw[0] = -0.3 * np.log(gen.uniform(size=1024))
+    lw[1, 50:] = -np.inf  # 50 nonzero weights, fewer than the tail's 96 draws
+    lw[2, :] = 0.0  # all weights equal
+    lw[3, :] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        khat = _pareto_k(torch.tensor(lw))
+    assert khat.shape == (4,)
+    assert abs(float(khat[0]) - 0.3) < 3 * 0.13
+    assert math.isinf(float(khat[1])) and math.isinf(float(khat[3]))
+    assert math.isinf(float(khat[2])) or float(khat[2]) < 0.5
