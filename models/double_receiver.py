@@ -119,12 +119,21 @@ X0 = 0.002
 
 
 def _hill(k6, k12, c6, c12, n):
-    """:math:`(a^n + b^n) / (1 + a + b)^n` with :math:`a = K_6 c_6, b = K_{12} c_{12}`, computed
+    r""":math:`(a^n + b^n) / (1 + a + b)^n` with :math:`a = K_6 c_6, b = K_{12} c_{12}`, computed
     as :math:`(a / s)^n + (b / s)^n`, :math:`s = 1 + a + b`: both ratios lie in [0, 1], so
-    no power overflows however large the affinities get during training."""
+    no power overflows however large the affinities get during training. A ratio of 0 (no
+    inducer, or one that underflows) contributes 0 with zero gradient: the power's own
+    gradient there, :math:`n\,0^{n-1}` times 0, would be NaN for :math:`n < 1`."""
     a, b = k6 * c6, k12 * c12
     s = 1 + a + b
-    return (a / s).pow(n) + (b / s).pow(n)
+    return _power(a / s, n) + _power(b / s, n)
+
+
+def _power(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    r""":math:`x^n` for :math:`x \ge 0`, with finite gradients at :math:`x = 0`."""
+    positive = x > 0
+    safe = torch.where(positive, x, torch.ones_like(x))
+    return torch.where(positive, safe.pow(n), torch.zeros_like(x))
 
 
 def rhs(t: torch.Tensor, y: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -253,3 +253,31 @@ def test_train_test_scales_on_training_wells_and_rebases_both():
     # the test wells' values are divided by the TRAINING maxima (then each series shifted)
     raw = DATA.observations[torch.as_tensor(test_idx)] / scales
     torch.testing.assert_close(test.observations, raw - raw.amin(1, keepdim=True))
+
+
+def test_hill_gradient_is_finite_without_inducer():
+    """A well without C6 (or C12) has a receptor term 0^n; for Hill coefficients below 1 its
+    plain power gradient is NaN (n 0^(n-1) times 0), which stopped a fit."""
+    from pyro_hds.models.double_receiver import _hill
+
+    k6 = torch.tensor([1e-5, 1e-5, 2e-3], dtype=torch.float64, requires_grad=True)
+    k12 = torch.tensor([1e-3, 1e-3, 3e-4], dtype=torch.float64, requires_grad=True)
+    n = torch.tensor([0.8, 1.3, 0.6], dtype=torch.float64, requires_grad=True)
+    c6 = torch.tensor([0.0, 100.0, 50.0], dtype=torch.float64)
+    c12 = torch.tensor([100.0, 0.0, 20.0], dtype=torch.float64)
+    h = _hill(k6, k12, c6, c12, n)
+    a, b = k6 * c6, k12 * c12
+    s = 1 + a + b
+    torch.testing.assert_close(h, (a**n + b**n) / s**n)
+    h.sum().backward()
+    for g in (k6.grad, k12.grad, n.grad):
+        assert bool(torch.isfinite(g).all()), g
+    # the third element (both inducers present) against finite differences
+    assert torch.autograd.gradcheck(
+        lambda x, y, m: _hill(x, y, c6[2:], c12[2:], m),
+        (
+            k6.detach()[2:].requires_grad_(),
+            k12.detach()[2:].requires_grad_(),
+            n.detach()[2:].requires_grad_(),
+        ),
+    )
