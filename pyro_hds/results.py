@@ -117,7 +117,8 @@ def _pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
 
     lw = log_weights.detach().double().cpu().numpy()
     k = lw.shape[-1]
-    if min(0.2 * k, 3 * np.sqrt(k)) < 5:
+    tail_draws = min(0.2 * k, 3 * math.sqrt(k))  # PSIS's tail length (r_eff = 1)
+    if tail_draws < 5:
         return torch.full(lw.shape[:-1], math.nan, dtype=torch.float64)
     flat = np.nan_to_num(lw.reshape(-1, k), nan=-1e300, neginf=-1e300)
 
@@ -126,21 +127,21 @@ def _pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
         # exp(-ary) (its LOO use): pass the negated log weights, or it fits the tail of 1 / w
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             khat = array_stats.psislw(-rows, r_eff=1.0, axis=-1)[1]
-        return np.asarray(khat, dtype=np.float64)
+        return np.asarray(khat, dtype=np.float64).reshape(-1)
 
-    try:
-        khat = fit(flat)
-    except ValueError:  # a degenerate row fails the whole call: fit the rows one by one
-        khat = np.empty(flat.shape[0])
-        for i, row in enumerate(flat):
-            try:
-                khat[i] = fit(row[None])[0]
-            except ValueError:
-                khat[i] = math.inf
+    khat = np.full(flat.shape[0], math.inf)
     # a tail that reaches zero weights (failed particles) says nothing about the tail's shape
-    tail = math.ceil(min(0.2 * k, 3 * math.sqrt(k)))
-    nonzero = (flat > -1e300).sum(-1)
-    khat = np.where(np.isfinite(khat) & (nonzero > tail), khat, math.inf)
+    fitted = (flat > -1e300).sum(-1) > math.ceil(tail_draws)
+    if fitted.any():
+        try:
+            khat[fitted] = fit(flat[fitted])
+        except ValueError:  # a tail of equal values fails the whole call: fit rows one by one
+            for i in np.flatnonzero(fitted):
+                try:
+                    khat[i] = fit(flat[i : i + 1])[0]
+                except ValueError:
+                    pass
+    khat = np.where(np.isfinite(khat), khat, math.inf)
     return torch.as_tensor(khat.reshape(lw.shape[:-1]))
 
 
