@@ -35,6 +35,14 @@ rtol they need for a given worst-system error shrinks as the batch grows. torcho
 each system's step, but it stops the whole batch when any system's norm becomes non-finite
 (not triggered here: every system stays finite).
 
+Compiled rows. ``pyro_hds Dopri5 compiled`` is ``Dopri5(compile=True)``: each step fused into
+one kernel by ``torch.compile``. ``torchdiffeq dopri5 comp.rhs`` is the same peer with its rhs
+compiled by ``torch.compile`` (what a torchdiffeq user can do without changing the library).
+Their first calls compile; the script times them (``first calls (compiling)`` lines, with an
+empty inductor cache in a temporary directory) and then times as for every solver. Their
+``evals/sys`` come from the same solver without compilation (an evaluation counter cannot
+count inside a compiled kernel). Ratios are against the eager pyro_hds solvers.
+
 Timing: one warm-up call, then the median of ``--repeats`` calls (a third of them, at least
 one, at 1e5 systems and more), with ``torch.set_num_threads(--threads)``. ``fwd`` solves under
 ``torch.no_grad()``; ``fwd+bwd`` solves with gradients on and back-propagates the sum of the
@@ -43,8 +51,9 @@ solution to the rates (backpropagation through the solver's operations for every
 adaptive): above 1, pyro_hds is faster. ``evals/sys`` counts right-hand-side evaluations per
 system in the forward solve (a batched call on ``w`` systems counts ``w``).
 
-Run ``python benchmarks/solvers.py`` (about 6 minutes on 2 cores), ``--quick`` for a smoke
-run of seconds, ``--profile 10000`` to profile pyro_hds Dopri5 on 1e4 systems instead.
+Run ``python benchmarks/solvers.py`` (about 17 minutes on 2 cores, 2 of them compiling),
+``--quick`` for a smoke run of about a minute and a half (most of it compiling),
+``--profile 10000`` to profile pyro_hds Dopri5 on 1e4 systems instead.
 """
 
 from __future__ import annotations
@@ -54,8 +63,11 @@ import cProfile
 import importlib.util
 import io
 import math
+import os
 import pstats
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -165,11 +177,17 @@ def ours_rk4(pb: Problem, theta, substeps, rhs):
     return sol.ys, sol.ok
 
 
-def ours_dopri5(pb: Problem, theta, rtol, rhs, atol=None):
+def ours_dopri5(pb: Problem, theta, rtol, rhs, atol=None, compile=False):
     solver = Dopri5(rtol=rtol, atol=rtol * ATOL_PER_RTOL if atol is None else atol)
-    solver = replace(solver, max_steps=MAX_STEPS)
+    solver = replace(solver, max_steps=MAX_STEPS, compile=compile)
     sol = solve(rhs, pb.y0, pb.times, pb.params(theta), solver=solver)
     return sol.ys, sol.ok
+
+
+def ours_dopri5_compiled(pb: Problem, theta, rtol, rhs):
+    # the fused step calls the rhs inside the compiled kernel, where the evaluation counter's
+    # Python side effect would not count: trial() counts with the eager solver instead
+    return ours_dopri5(pb, theta, rtol, getattr(rhs, "rhs", rhs), compile=True)
 
 
 def _tdq(pb: Problem, theta, rhs):
@@ -186,6 +204,19 @@ def tdq_rk4(pb: Problem, theta, substeps, rhs):
     ys = odeint(_tdq(pb, theta, rhs), pb.y0, pb.times, method="rk4", options={"step_size": step})
     ys = ys.transpose(0, 1)
     return ys, torch.isfinite(ys).all(-1).all(-1)
+
+
+_COMPILED_RHS: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {}
+
+
+def tdq_dopri5_compiled(pb: Problem, theta, rtol, rhs):
+    """torchdiffeq's dopri5 with the rhs compiled by ``torch.compile`` (what a torchdiffeq user
+    can do without changing the library): one kernel per evaluation instead of about 15
+    operations."""
+    rhs = getattr(rhs, "rhs", rhs)  # not the counter: its side effect would not count
+    if rhs not in _COMPILED_RHS:
+        _COMPILED_RHS[rhs] = torch.compile(rhs, dynamic=True)
+    return tdq_dopri5(pb, theta, rtol, _COMPILED_RHS[rhs])
 
 
 def tdq_dopri5(pb: Problem, theta, rtol, rhs):
@@ -230,6 +261,8 @@ class Solver:
     kind: str  # "fixed" or "adaptive"
     run: Run
     requires: str | None = None  # an optional peer's module
+    compiled: bool = False  # torch.compile inside: evaluations are counted by ``counted_by``
+    counted_by: Run | None = None
 
     @property
     def available(self) -> bool:
@@ -253,7 +286,9 @@ SOLVERS = (
     Solver("pyro_hds RK4", "fixed", ours_rk4),
     Solver("torchdiffeq rk4", "fixed", tdq_rk4),
     Solver("pyro_hds Dopri5", "adaptive", ours_dopri5),
+    Solver("pyro_hds Dopri5 compiled", "adaptive", ours_dopri5_compiled, None, True, ours_dopri5),
     Solver("torchdiffeq dopri5", "adaptive", tdq_dopri5),
+    Solver("torchdiffeq dopri5 comp.rhs", "adaptive", tdq_dopri5_compiled, None, True, tdq_dopri5),
     Solver("torchode dopri5", "adaptive", torchode_dopri5, requires="torchode"),
 )
 
@@ -307,6 +342,8 @@ def trial(solver: Solver, pb: Problem, ref: torch.Tensor, setting: float) -> Tri
     try:
         with torch.no_grad():
             ys, ok = solver.run(pb, pb.theta, setting, counter)
+            if solver.counted_by is not None:  # the same steps, without torch.compile
+                solver.counted_by(pb, pb.theta, setting, counter)
     except (AssertionError, RuntimeError) as failure:  # torchdiffeq: "underflow in dt"
         return Trial(setting, math.inf, math.nan, f"{type(failure).__name__}: {failure}")
     errors = system_errors(ys, ref, ok)
@@ -353,23 +390,44 @@ class Row:
     fwd_bwd: Timing | None = None
 
 
-def time_solver(solver: Solver, pb: Problem, setting: float, repeats: int) -> tuple[Timing, Timing]:
-    def fwd():
+def calls(solver: Solver, pb: Problem, setting: float) -> tuple[Callable[[], None], ...]:
+    """The timed calls: a forward solve under ``no_grad`` and a forward+backward one."""
+
+    def fwd() -> None:
         with torch.no_grad():
             solver.run(pb, pb.theta, setting, pb.rhs)
 
-    def fwd_bwd():
+    def fwd_bwd() -> None:
         theta = pb.theta.detach().requires_grad_(True)
         ys, _ = solver.run(pb, theta, setting, pb.rhs)
         ys.sum().backward()
 
+    return fwd, fwd_bwd
+
+
+def time_solver(solver: Solver, pb: Problem, setting: float, repeats: int) -> tuple[Timing, Timing]:
+    fwd, fwd_bwd = calls(solver, pb, setting)
     return time_call(fwd, repeats=repeats), time_call(fwd_bwd, repeats=repeats)
+
+
+def first_calls(solver: Solver, pb: Problem, setting: float) -> str:
+    """Time the first forward and forward+backward solves of a compiled solver, which compile
+    (forward and backward kernels are compiled separately, per dtype)."""
+
+    def once(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    fwd, fwd_bwd = calls(solver, pb, setting)
+    f, b = once(fwd), once(fwd_bwd)
+    return f"first calls (compiling) {f:.1f} s forward, then {b:.1f} s forward+backward"
 
 
 COLUMNS = (
     ("case", 13, "<"),
     ("size", 7, ">"),
-    ("solver", 18, "<"),
+    ("solver", 27, "<"),
     ("setting", 14, "<"),
     ("worst error", 11, ">"),
     ("evals/sys", 9, ">"),
@@ -428,6 +486,8 @@ def run_case(
         reps = repeats if n < 100_000 else max(1, repeats // 3)
         base: dict[str, Row] = {}
         for solver in solvers:
+            if solver.compiled and n == min(sizes) and solver.label not in hopeless:
+                print(f"#   {solver.label}: {first_calls(solver, pb, solver.ladder[6])}")
             if solver.label in hopeless:
                 print(f"#   {solver.label}: skipped (no accurate setting at a smaller size)")
                 rows.append(Row(case, n, solver, None))
@@ -443,7 +503,7 @@ def run_case(
                 start[solver.label] = chosen.setting
                 row.fwd, row.fwd_bwd = time_solver(solver, pb, chosen.setting, reps)
             if solver.ours:
-                base[solver.kind] = row
+                base.setdefault(solver.kind, row)  # ratios against the eager solver
             rows.append(row)
             if not header_printed:
                 print(table_header())
@@ -453,24 +513,54 @@ def run_case(
 
 
 def summary(rows: Sequence[Row]) -> list[str]:
-    """pyro_hds Dopri5 against torchdiffeq dopri5 on the heterogeneous case (target: 3x)."""
+    """pyro_hds Dopri5 (eager and compiled) against torchdiffeq dopri5 (plain and with a
+    compiled rhs) on the heterogeneous case (target: 3x faster than plain dopri5)."""
     out = []
     by_key = {(r.case, r.size, r.solver.label): r for r in rows}
+    pairs = (
+        ("torchdiffeq dopri5", "pyro_hds Dopri5"),
+        ("torchdiffeq dopri5", "pyro_hds Dopri5 compiled"),
+        ("torchdiffeq dopri5 comp.rhs", "pyro_hds Dopri5 compiled"),
+    )
+    sizes = sorted({(r.case, r.size) for r in rows}, key=lambda k: (k[0] != "homogeneous", k[1]))
+    for case, size in sizes:
+        timed = [r for r in rows if (r.case, r.size) == (case, size) and r.fwd is not None]
+        parts = []
+        for kind in ("fwd", "fwd_bwd"):
+            mine = [r for r in timed if r.solver.ours]
+            peers = [r for r in timed if not r.solver.ours]
+            if not mine or not peers:
+                continue
+            best = min(mine, key=lambda r: getattr(r, kind).median)
+            rival = min(peers, key=lambda r: getattr(r, kind).median)
+            ratio = getattr(rival, kind).median / getattr(best, kind).median
+            parts.append(
+                f"{'forward' if kind == 'fwd' else 'forward+backward'} {ratio:.2f}x "
+                f"({best.solver.label} vs {rival.solver.label})"
+            )
+        if parts:
+            out.append(f"{case} {size}: fastest peer / fastest pyro_hds: " + "; ".join(parts))
     for r in rows:
-        if r.case != "heterogeneous" or r.solver.label != "torchdiffeq dopri5":
-            continue
-        ours = by_key.get((r.case, r.size, "pyro_hds Dopri5"))
-        if ours is None or ours.fwd is None or r.fwd is None:
-            out.append(f"heterogeneous {r.size}: no ratio (a solver found no accurate setting)")
-            continue
-        assert ours.fwd_bwd is not None and r.fwd_bwd is not None
-        f = r.fwd.median / ours.fwd.median
-        b = r.fwd_bwd.median / ours.fwd_bwd.median
-        verdict = "met" if min(f, b) >= 3 else "MISSED"
-        out.append(
-            f"heterogeneous {r.size}: torchdiffeq dopri5 / pyro_hds Dopri5 = {f:.2f} forward, "
-            f"{b:.2f} forward+backward (target >= 3: {verdict})"
-        )
+        for peer, mine in pairs:
+            if r.case != "heterogeneous" or r.solver.label != peer:
+                continue
+            ours = by_key.get((r.case, r.size, mine))
+            if ours is None:
+                continue
+            if ours.fwd is None or r.fwd is None:
+                out.append(
+                    f"heterogeneous {r.size}: {peer} / {mine}: no ratio (no accurate setting)"
+                )
+                continue
+            assert ours.fwd_bwd is not None and r.fwd_bwd is not None
+            f = r.fwd.median / ours.fwd.median
+            b = r.fwd_bwd.median / ours.fwd_bwd.median
+            verdict = "met" if min(f, b) >= 3 else "MISSED"
+            target = f" (target >= 3: {verdict})" if peer == "torchdiffeq dopri5" else ""
+            out.append(
+                f"heterogeneous {r.size}: {peer} / {mine} = {f:.2f} forward, "
+                f"{b:.2f} forward+backward{target}"
+            )
     return out
 
 
@@ -586,6 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.hetero_sizes, args.repeats = [32], [32], 1
     set_threads(args.threads)
+    # compile from scratch: an inductor cache left by an earlier run would hide compile times
+    cache = tempfile.TemporaryDirectory(prefix="pyro_hds_bench_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     print(f"# {environment()}")
     if args.profile is not None:
         profile(args.profile, args.profile_rtol)

@@ -41,7 +41,7 @@ import torch
 
 from pyro_hds.solvers import Dopri5, PiecewiseConstant, Solution, Solver, Status, get_solver
 from pyro_hds.solvers._base import build_schedule
-from pyro_hds.solvers._integrate import integrate_dopri5, integrate_fixed
+from pyro_hds.solvers._integrate import FusedRhs, integrate_dopri5, integrate_fixed
 
 __all__ = ["ode", "solve"]
 
@@ -90,6 +90,18 @@ def solve(
         only (not to tensors the rhs closes over).
     """
     solver = get_solver(solver)
+    if getattr(solver, "compile", False):
+        if adjoint:
+            raise ValueError(
+                f"ode({name!r}): Dopri5(compile=True) fuses the backpropagated steps; it has no "
+                "effect with adjoint=True. Use one or the other."
+            )
+        if inputs is not None and not isinstance(inputs, PiecewiseConstant):
+            raise ValueError(
+                f"ode({name!r}): Dopri5(compile=True) takes inputs as a PiecewiseConstant, not "
+                "a callable u(t) (a new function per solve would compile again). Pass "
+                "PiecewiseConstant(breakpoints, values) or use Dopri5(compile=False)."
+            )
     params = dict(params or {})
     event_dims = dict(event_dims or {})
     unknown = set(event_dims) - set(params)
@@ -253,6 +265,9 @@ def solve(
             solver, f, y0f, tf, t0f, pf, per_element_grid, name
         )
     elif isinstance(solver, Dopri5):
+        fused = None
+        if solver.compile:
+            fused = FusedRhs(rhs, pf, flat_inputs if piecewise else None)
         ys, status, steps, rejected, reached = integrate_dopri5(
             f,
             y0f,
@@ -264,6 +279,7 @@ def solve(
             ifactor=solver.ifactor,
             dfactor=solver.dfactor,
             first_step=solver.first_step,
+            fused=fused,
         )
     else:
         ys, status, steps, rejected, reached = integrate_fixed(

@@ -296,6 +296,100 @@ def _dopri_stages(f: F, t, y, h, k1, coef, idx=None):
     return y_i, err, ks[6], times[4]
 
 
+class FusedRhs:
+    """What a compiled Dopri5 step needs besides the states: the user's ``rhs``, its flattened
+    params ``(B, *event)`` and, for piecewise-constant inputs, ``inputs(t, idx)`` giving
+    ``u (B', D)`` for the working set (constant over a step, so it is evaluated once per step
+    at the step's start, outside the kernel)."""
+
+    def __init__(
+        self,
+        rhs: Callable[..., torch.Tensor],
+        params: dict[str, torch.Tensor],
+        inputs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None,
+    ) -> None:
+        self.rhs = rhs
+        self.params = params
+        self.inputs = inputs
+
+
+def _error_ratio(y, y5, err, h, active, rtol_e, atol_e):
+    """Each element's error ratio ``(B,)`` (see the module docstring; ``err`` is the error per
+    unit step over ``e_1``, the tolerances are scaled to match) and the three numbers the host
+    reads after a step: the ratios' sum (non-finite if any stage was), the largest magnitude
+    of the new state and the smallest active step. No gradient."""
+    a5 = y5.abs()
+    scale = torch.maximum(y.abs(), a5) * rtol_e + atol_e
+    ratio = torch.linalg.vector_norm(err / scale, dim=-1) * h
+    small = torch.where(active, h, float("inf")).amin()
+    return ratio, torch.stack((ratio.sum(), a5.amax(), small))
+
+
+def _control(ratio, active, h_eff, room, h, t, tt, t_end, steps, rejected, safety, dmin, imax):
+    """Accept or reject each element's step and choose its next one. Returns ``(accept,
+    refused, arrive, h, t, steps, rejected)``; ``arrive``: accepted and clipped to the grid
+    point ``tt``. No gradient."""
+    accept = (ratio <= 1.0) & active
+    refused = ratio > 1.0  # inactive elements have ratio 0
+    # safety < 1: a rejected step (ratio > 1) gets a factor below 1 without a cap
+    factor = torch.clamp(ratio.clamp(min=1e-10).pow(-0.2) * safety, dmin, imax)
+    arrive = accept & (h_eff >= room)
+    h_next = h_eff * factor
+    # a step clipped to a grid point does not shrink the next one
+    h = torch.where(arrive, torch.maximum(h_next, h), h_next)
+    t = torch.where(arrive, tt, torch.where(accept, t_end, t))
+    return accept, refused, arrive, h, t, steps + active, rejected + refused
+
+
+def _pure_step(rhs, t, y, h, k1, tt, active, steps, rejected, params, u, ctl):
+    """One whole Dopri5 iteration (stages, error ratio, control, the accepted states) with the
+    rhs called directly on explicit tensors: the function that ``torch.compile`` fuses. It has
+    no closures over per-solve objects, so the compiled kernels serve every later solve with
+    the same ``rhs``. ``ctl`` holds ``(rtol_e, atol_e, safety, dfactor, ifactor)`` as a tensor
+    (Python floats would be compiled in as constants). Returns the new ``y, k1, h, t, steps,
+    rejected``, the masks ``accept, refused, arrive`` and the host's three numbers."""
+
+    def f(tt_, yy, _idx=None):
+        out = rhs(tt_, yy, params) if u is None else rhs(tt_, yy, params, u)
+        return out.expand(yy.shape)
+
+    coef = (
+        torch.tensor(_C_STAGES, dtype=y.dtype, device=y.device),
+        torch.tensor(_LEAD, dtype=y.dtype, device=y.device).unsqueeze(-1),
+    )
+    room = tt - t
+    h_eff = torch.minimum(h, room)
+    y5, err, k7, t_end = _dopri_stages(f, t, y, h_eff, k1, coef)
+    with torch.no_grad():
+        ratio, stats = _error_ratio(y.detach(), y5.detach(), err, h_eff, active, ctl[0], ctl[1])
+        accept, refused, arrive, h, t, steps, rejected = _control(
+            ratio, active, h_eff, room, h, t, tt, t_end, steps, rejected, ctl[2], ctl[3], ctl[4]
+        )
+    acc = accept.unsqueeze(-1)
+    y = torch.where(acc, y5, y)
+    k1 = torch.where(acc, k7, k1)
+    return y, k1, h, t, steps, rejected, accept, refused, arrive, stats
+
+
+_COMPILED: dict[str, Callable[..., tuple]] = {}
+
+
+def _fused_step(fused: FusedRhs, *args):
+    """:func:`_pure_step` by the compiled kernel (compiled on first use, dynamic in the batch
+    size)."""
+    step = _COMPILED.get("dopri5")
+    if step is None:
+        step = _COMPILED["dopri5"] = torch.compile(_pure_step, dynamic=True)
+    try:
+        return step(fused.rhs, *args)
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no C++ compiler
+        raise RuntimeError(
+            "Dopri5(compile=True): torch.compile could not build the fused step "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}); it needs the inductor "
+            "backend (on CPU, a working C++ compiler). Use Dopri5(compile=False)."
+        ) from err
+
+
 def integrate_dopri5(
     f: F,
     y0: torch.Tensor,
@@ -309,6 +403,7 @@ def integrate_dopri5(
     dfactor: float,
     first_step: float | None,
     compact_below: float = 0.8,
+    fused: FusedRhs | None = None,
 ):
     """Dopri5 with per-element control over a working set of unfinished elements.
 
@@ -329,6 +424,11 @@ def integrate_dopri5(
     ``+inf`` entry and a zero step size: its step is 0, it never arrives and it is not
     ``active``, so the per-step control needs no masks beyond ``active`` for acceptance and
     step counts.
+
+    With ``fused``, steps run as one compiled kernel (:func:`_fused_stages`); the first stage
+    after arrivals, the first step's and re-runs without failing elements stay eager (``f``).
+    Compiled kernels specialize on a batch of one, so the working set is never compacted to a
+    single element (a finished element stays in it, stepping by 0).
     """
     assert safety < 1, "a rejected step's factor is below 1 only with safety < 1"
     b, s = y0.shape
@@ -365,7 +465,6 @@ def integrate_dopri5(
     # (from the stages) and scale' = scale * sqrt(S) / e_1
     err_unit = s**0.5 / _E_LEAD
     rtol_e, atol_e = rtol * err_unit, atol * err_unit
-    inf_t = torch.full((), inf, dtype=dt, device=dev)
     t = sched.t0.expand(b).clone()
     y = y0
     active = torch.ones(b, dtype=torch.bool, device=dev)
@@ -464,6 +563,15 @@ def integrate_dopri5(
         q = torch.where(bad, q_end, q)
         tt = table.index_select(0, q)
 
+    fused_params = None
+    if fused is not None:
+        # inputs that are views (columns of one tensor, an expanded y0) are compiled for
+        # separately from the non-view tensors of later steps: copy them once
+        fused_params = {k: v.clone() for k, v in fused.params.items()}
+        fused.params = fused_params
+        if y._base is not None:
+            y = y.clone()
+    ctl = torch.tensor((rtol_e, atol_e, safety, dfactor, ifactor), dtype=dt, device=dev)
     n_active = b
     dirty = True  # active may have changed: count it, zero the step of inactive elements
     first = True
@@ -486,7 +594,12 @@ def integrate_dopri5(
             # record the leaving elements' last state, then shrink the working set
             flush()
             offset = keep_state(y)
-            leaving = (~active).nonzero().squeeze(1)
+            stay = active
+            if fused is not None and n_active == 1:
+                # keep one finished element too (see the docstring)
+                stay = active.clone()
+                stay[int((~active).nonzero()[0])] = True
+            leaving = (~stay).nonzero().squeeze(1)
             g = rows.index_select(0, leaving)
             final_keys.append(g)
             final_places.append(leaving + offset)
@@ -495,67 +608,86 @@ def integrate_dopri5(
                 steps.index_select(0, leaving),
                 rejected.index_select(0, leaving),
             )
-            keep = active.nonzero().squeeze(1)
+            keep = stay.nonzero().squeeze(1)
             rows = rows.index_select(0, keep)
             full = False
             t, y, h, q, q_end, k1, tt = (
                 x.index_select(0, keep) for x in (t, y, h, q, q_end, k1, tt)
             )
             status, steps, rejected = (x.index_select(0, keep) for x in (status, steps, rejected))
-            active = torch.ones_like(keep, dtype=torch.bool)
-        room = tt - t  # +inf for inactive elements, whose h is 0
-        h_eff = torch.minimum(h, room)
-        f.segment_start = t  # type: ignore[attr-defined]
-        y5, err, k7, t_end = stages(t, y, h_eff, k1)
+            active = active.index_select(0, keep)
+            if fused is not None:
+                fused_params = {k: v.index_select(0, rows) for k, v in fused.params.items()}
         finite = diverged = None
+        fused_ok = False
+        # the kernel is compiled per pattern of requires_grad: before the first accepted step
+        # y0 may not require grad where k1 (through the params) does; those steps run eagerly
+        if fused is not None and y.requires_grad == k1.requires_grad:
+            u = None if fused.inputs is None else fused.inputs(t, None if full else rows)
+            out = _fused_step(fused, t, y, h, k1, tt, active, steps, rejected, fused_params, u, ctl)
+            total, top, smallest = out[-1].tolist()
+            # a failing step (see below) is done again by the eager path
+            fused_ok = total - total == 0.0 and top <= limit
+            if fused_ok:
+                y, k1, h, t, steps, rejected, accept, refused, arrive, _ = out
+        if not fused_ok:
+            room = tt - t  # +inf for inactive elements, whose h is 0
+            h_eff = torch.minimum(h, room)
+            f.segment_start = t  # type: ignore[attr-defined]
+            y5, err, k7, t_end = stages(t, y, h_eff, k1)
+            with torch.no_grad():
+                # one read: a non-finite ratio (a non-finite last stage makes the error
+                # estimate non-finite, its weight is not 0, so the ratio and the new state
+                # cover every stage), the largest magnitude of the new state, the smallest
+                # active step
+                ratio, stats = _error_ratio(y, y5, err, h_eff, active, rtol_e, atol_e)
+                total, top, smallest = stats.tolist()
+                all_finite = total - total == 0.0 and top <= limit
+                if not all_finite:
+                    finite = torch.isfinite(ratio) & _healthy(y5, limit)
+                    all_finite = bool(finite.all())  # else a sum overflowed, no element did
+                    # finite but beyond the limit: a smaller step will not help, stop it
+                    diverged = active & torch.isfinite(y5).all(-1) & ~_healthy(y5, limit)
+                    if all_finite:
+                        finite = None
+            if finite is not None:
+                # run the step again without the failing elements, so that their values
+                # leave no trace in the autograd graph
+                idx = finite.nonzero().squeeze(1)
+                f.segment_start = _take(t, idx)  # type: ignore[attr-defined]
+                y5_s, _, k7_s, _ = stages(
+                    _take(t, idx),
+                    y.index_select(0, idx),
+                    h_eff.index_select(0, idx),
+                    k1.index_select(0, idx),
+                    idx,
+                )
+                y5 = torch.index_copy(y.detach(), 0, idx, y5_s)
+                k7 = torch.index_copy(k1.detach(), 0, idx, k7_s)
+                # a failing active element is rejected (its factor becomes dfactor); an
+                # inactive one keeps ratio 0 (it is never counted as rejected)
+                fail = torch.where(active, inf, 0.0)
+                ratio = torch.where(finite, ratio, fail)
+            with torch.no_grad():
+                accept, refused, arrive, h, t, steps, rejected = _control(
+                    ratio,
+                    active,
+                    h_eff,
+                    room,
+                    h,
+                    t,
+                    tt,
+                    t_end,
+                    steps,
+                    rejected,
+                    safety,
+                    dfactor,
+                    ifactor,
+                )
+            acc = accept.unsqueeze(-1)
+            y = torch.where(acc, y5, y)
+            k1 = torch.where(acc, k7, k1)
         with torch.no_grad():
-            a5 = y5.abs()
-            scale = torch.maximum(y.abs(), a5).mul_(rtol_e).add_(atol_e)
-            ratio = torch.linalg.vector_norm(err.div_(scale), dim=-1).mul_(h_eff)
-            # one read: a non-finite ratio (a non-finite last stage makes the error estimate
-            # non-finite, its weight is not 0, so the ratio and the new state cover every
-            # stage), the largest magnitude of the new state, the smallest active step
-            small = torch.where(active, h_eff, inf_t).amin()
-            total, top, smallest = torch.stack((ratio.sum(), a5.amax(), small)).tolist()
-            all_finite = total - total == 0.0 and top <= limit
-            if not all_finite:
-                finite = torch.isfinite(ratio) & _healthy(y5, limit)
-                all_finite = bool(finite.all())  # else a sum overflowed, no element did
-                # finite but beyond the limit: a smaller step will not help, stop the element
-                diverged = active & torch.isfinite(y5).all(-1) & ~_healthy(y5, limit)
-                if all_finite:
-                    finite = None
-        if finite is not None:
-            # run the step again without the failing elements, so that their values leave
-            # no trace in the autograd graph
-            idx = finite.nonzero().squeeze(1)
-            f.segment_start = _take(t, idx)  # type: ignore[attr-defined]
-            y5_s, _, k7_s, _ = stages(
-                _take(t, idx),
-                y.index_select(0, idx),
-                h_eff.index_select(0, idx),
-                k1.index_select(0, idx),
-                idx,
-            )
-            y5 = torch.index_copy(y.detach(), 0, idx, y5_s)
-            k7 = torch.index_copy(k1.detach(), 0, idx, k7_s)
-            # a failing active element is rejected (its factor becomes dfactor); an inactive
-            # one keeps ratio 0 (it is never counted as rejected)
-            fail = torch.where(active, inf, 0.0)
-            ratio = torch.where(finite, ratio, fail)
-        with torch.no_grad():
-            accept = (ratio <= 1.0) & active
-            refused = ratio > 1.0  # inactive elements have ratio 0
-            # safety < 1: a rejected step (ratio > 1) gets a factor below 1 without a cap
-            factor = ratio.clamp(min=1e-10).pow_(-0.2).mul_(safety).clamp_(dfactor, ifactor)
-            clipped = h_eff >= room
-            arrive = accept & clipped
-            h_next = h_eff * factor
-            # a step clipped to a grid point does not shrink the next one
-            h = torch.where(arrive, torch.maximum(h_next, h), h_next)
-            t = torch.where(arrive, tt, torch.where(accept, t_end, t))
-            steps += active
-            rejected += refused
             stop = None
             if smallest <= tiny_screen or finite is not None:
                 tiny = refused & (h <= 1e-13 * torch.clamp(t.abs(), min=1.0))
@@ -581,9 +713,6 @@ def integrate_dopri5(
                 tt = table.index_select(0, q)
                 h = torch.where(stop, torch.zeros((), dtype=dt, device=dev), h)
                 dirty = True
-        acc = accept.unsqueeze(-1)
-        y = torch.where(acc, y5, y)
-        k1 = torch.where(acc, k7, k1)
         it += 1
 
     flush()

@@ -1,0 +1,123 @@
+"""Dopri5(compile=True): the fused, torch.compile'd step against the eager loop (float64).
+
+Compiling takes tens of seconds on first use, so the comparison is one test that covers the
+batch bookkeeping at once: per-element grids with a repeated time, doses, piecewise-constant
+inputs, one element whose rhs turns NaN, one that runs out of steps, and a working set that
+shrinks to a single unfinished element.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from pyro_hds.data import Doses
+from pyro_hds.ode import solve
+from pyro_hds.solvers import Dopri5, PiecewiseConstant, Status
+
+
+def forced_decay(t, y, p, u):
+    # dy/dt = -k y sqrt(cut - t) + u: NaN after t = cut (sqrt of a negative number)
+    rate = p["k"] * torch.sqrt(p["cut"] - t).clamp(max=1.0)
+    return -rate.unsqueeze(-1) * y + u
+
+
+def problem(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+    # element 2 fails early; the slow elements finish together, leaving one unfinished
+    # element in a working set of n (the compiled path keeps a finished one beside it)
+    k = torch.full((n,), 50.0, dtype=dt)
+    k[0] = 3e3
+    cut = torch.full((n,), math.inf, dtype=dt)
+    cut[2] = 0.05  # NaN after t = 0.05
+    ts = torch.sort(torch.rand(n, 6, generator=gen, dtype=dt) * 2, 1).values
+    ts[:, 3] = ts[:, 2]  # a repeated time
+    ts[3:] = ts[3]  # the slow elements share one grid
+    doses = Doses(
+        times=torch.tensor([[0.5, 1.0]], dtype=dt).expand(n, 2),
+        amounts=torch.tensor([[1.0, 2.0]], dtype=dt).expand(n, 2),
+        targets=torch.zeros(n, 2, dtype=torch.long),
+    )
+    inputs = PiecewiseConstant(
+        torch.tensor([0.7], dtype=dt), torch.tensor([[0.2], [-0.1]], dtype=dt)
+    )
+    return k, cut, ts, doses, inputs
+
+
+def run(compile: bool, k, cut, ts, doses, inputs, max_steps=400):
+    solver = Dopri5(rtol=1e-7, atol=1e-9, max_steps=max_steps, compile=compile)
+    y0 = torch.ones(1, dtype=torch.float64)
+    return solve(
+        forced_decay,
+        y0,
+        ts,
+        {"k": k, "cut": cut},
+        solver=solver,
+        t0=0.0,
+        doses=doses,
+        inputs=inputs,
+    )
+
+
+def test_compiled_dopri5_matches_the_eager_loop_in_values_steps_and_gradients():
+    torch._dynamo.reset()  # compile from scratch, so the kernels can be counted
+    counters.clear()
+    n = 20
+    k, cut, ts, doses, inputs = problem(n)
+    with torch.no_grad():
+        eager = run(False, k, cut, ts, doses, inputs)
+        fused = run(True, k, cut, ts, doses, inputs)
+    assert eager.status[2] == Status.NONFINITE
+    assert eager.status[0] == Status.MAX_STEPS  # the stiffest element runs out of steps
+    assert torch.equal(fused.status, eager.status)
+    # fused kernels may round differently: a step whose error ratio is within round-off of 1
+    # may be accepted by one and rejected by the other
+    assert (fused.num_steps - eager.num_steps).abs().max() <= 2
+    torch.testing.assert_close(fused.ys, eager.ys, rtol=1e-9, atol=1e-12)
+    assert torch.equal(fused.reached, eager.reached)
+
+    grads = []
+    for compile in (False, True):
+        kk = k.clone().requires_grad_(True)
+        sol = run(compile, kk, cut, ts, doses, inputs)
+        (g,) = torch.autograd.grad(sol.ys.sum(), kk)
+        grads.append(g)
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-12)
+
+    # one kernel per grad mode, dynamic in the batch size: another batch compiles nothing new,
+    # nor does a working set of one element, nor inputs that are views (k[:n] below)
+    k2, cut2, ts2, doses2, inputs2 = problem(33, seed=1)
+    kk = torch.cat([k2, k2[:1]]).requires_grad_(True)
+    sol = run(True, kk[:33], cut2, ts2, doses2, inputs2)
+    torch.autograd.grad(sol.ys.sum(), kk)
+    with torch.no_grad():
+        run(True, k2, cut2, ts2, doses2, inputs2)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_compile_refuses_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="True or False"):
+        Dopri5(compile="yes")  # type: ignore[arg-type]
+    ts = torch.linspace(0.0, 1.0, 3)
+    with pytest.raises(ValueError, match="PiecewiseConstant"):
+        solve(
+            forced_decay,
+            torch.ones(1),
+            ts,
+            {"k": torch.ones(2), "cut": torch.full((2,), math.inf)},
+            solver=Dopri5(compile=True),
+            inputs=lambda t: torch.zeros(2, 1),
+        )
+    with pytest.raises(ValueError, match="adjoint"):
+        solve(
+            lambda t, y, p: -y,
+            torch.ones(1),
+            ts,
+            solver=Dopri5(compile=True),
+            adjoint=True,
+        )
