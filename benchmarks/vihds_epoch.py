@@ -14,12 +14,14 @@ its figure, measured on a machine of this kind with two threads at K = 200, is q
 this script on the same machine before drawing a conclusion from a ratio.
 
 Run: ``python benchmarks/vihds_epoch.py --particles 200 --threads 2`` (the reference's setting);
-``--quick`` for a smoke run.
+``--quick`` for a smoke run; ``--compile`` to integrate with ``Heun(compile=True)`` (the
+warm-up epoch then also pays compiling).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import sys
@@ -33,6 +35,7 @@ from _common import environment, format_seconds, set_threads
 import pyro_hds
 from pyro_hds.datasets import folds, load_vihds, train_test
 from pyro_hds.models import double_receiver as dr
+from pyro_hds.solvers import Heun
 
 #: the reference's seconds per epoch at K = 200, two threads (VIHDS_REFERENCE.md)
 REFERENCE_EPOCH_S = 2.46
@@ -45,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (median)")
     parser.add_argument("--quick", action="store_true", help="smoke run: K = 5, 1 epoch")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Heun(compile=True): each observation interval as one torch.compile'd kernel",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.particles, args.epochs = 5, 1
@@ -57,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = -(-len(train) // BATCH)  # minibatches per epoch
     print(
         f"# DR_Constant, {len(train)} training wells, batch {BATCH} ({steps} steps per epoch), "
-        f"K = {args.particles}, Heun one step per interval, float32"
+        f"K = {args.particles}, Heun one step per interval"
+        f"{' (compiled)' if args.compile else ''}, float32"
     )
     pyro.clear_param_store()
     stamps: list[float] = []
@@ -69,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     pyro_hds.fit(
-        dr.model,
+        functools.partial(dr.model, solver=Heun(compile=args.compile)),
         train,
         objective=pyro_hds.IWAE(num_particles=args.particles),
         num_steps=steps * (args.epochs + 1),

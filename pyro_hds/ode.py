@@ -93,14 +93,14 @@ def solve(
     if getattr(solver, "compile", False):
         if adjoint:
             raise ValueError(
-                f"ode({name!r}): Dopri5(compile=True) fuses the backpropagated steps; it has no "
-                "effect with adjoint=True. Use one or the other."
+                f"ode({name!r}): {type(solver).__name__}(compile=True) fuses the backpropagated "
+                "steps; it has no effect with adjoint=True. Use one or the other."
             )
         if inputs is not None and not isinstance(inputs, PiecewiseConstant):
             raise ValueError(
-                f"ode({name!r}): Dopri5(compile=True) takes inputs as a PiecewiseConstant, not "
-                "a callable u(t) (a new function per solve would compile again). Pass "
-                "PiecewiseConstant(breakpoints, values) or use Dopri5(compile=False)."
+                f"ode({name!r}): {type(solver).__name__}(compile=True) takes inputs as a "
+                "PiecewiseConstant, not a callable u(t) (a new function per solve would compile "
+                "again). Pass PiecewiseConstant(breakpoints, values) or use compile=False."
             )
     params = dict(params or {})
     event_dims = dict(event_dims or {})
@@ -282,8 +282,11 @@ def solve(
             fused=fused,
         )
     else:
+        fused = None
+        if getattr(solver, "compile", False):
+            fused = FusedRhs(rhs, pf, flat_inputs if piecewise else None)
         ys, status, steps, rejected, reached = integrate_fixed(
-            solver.method, f, y0f, sched, int(getattr(solver, "substeps", 1))
+            solver.method, f, y0f, sched, int(getattr(solver, "substeps", 1)), fused=fused
         )
     return Solution(
         ys=ys.reshape(*batch, t_len, s),

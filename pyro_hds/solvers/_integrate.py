@@ -92,6 +92,58 @@ def _shift(t, h, c: float):
     return torch.add(t, h, alpha=c)
 
 
+# -- compiled steps ---------------------------------------------------------------------------
+
+
+class FusedRhs:
+    """What a compiled Dopri5 step needs besides the states: the user's ``rhs``, its flattened
+    params ``(B, *event)`` and, for piecewise-constant inputs, ``inputs(t, idx)`` giving
+    ``u (B', D)`` for the working set (constant over a step, so it is evaluated once per step
+    at the step's start, outside the kernel)."""
+
+    def __init__(
+        self,
+        rhs: Callable[..., torch.Tensor],
+        params: dict[str, torch.Tensor],
+        inputs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None,
+    ) -> None:
+        self.rhs = rhs
+        self.params = params
+        self.inputs = inputs
+
+
+_COMPILED: dict[str, Callable[..., tuple]] = {}
+
+
+def _compiled(name: str, fn: Callable[..., tuple]) -> Callable[..., tuple]:
+    """``torch.compile(fn, dynamic=True)``, made once per process and wrapped so that a
+    failure to build it says what to do."""
+    compiled = _COMPILED.get(name)
+    if compiled is None:
+        compiled = _COMPILED[name] = torch.compile(fn, dynamic=True)
+
+    def call(*args):
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no C++ compiler
+            raise RuntimeError(
+                "compile=True: torch.compile could not build the fused step "
+                f"({type(err).__name__}: {str(err).splitlines()[0]}); it needs the inductor "
+                "backend (on CPU, a working C++ compiler). Use compile=False."
+            ) from err
+
+    return call
+
+
+def _fused_copies(fused: FusedRhs, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The params and ``y`` as non-view tensors: kernels compiled for views are not reused
+    for the non-view tensors of later steps, so views (columns of one tensor, an expanded
+    ``y0``) are copied once."""
+    params = {k: v.clone() for k, v in fused.params.items()}
+    fused.params = params
+    return params, (y.clone() if y._base is not None else y)
+
+
 # -- fixed-step methods -----------------------------------------------------------------------
 # ``h`` is a Python float when the whole batch shares the step (a shared grid), else a tensor.
 
@@ -154,12 +206,38 @@ def _gather_outputs(
     return stacked.gather(1, index.unsqueeze(-1).expand(b, t_len, stacked.shape[-1]))
 
 
-def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, substeps: int):
+def _pure_interval(method, substeps, rhs, t, y, h, params, u):
+    """``substeps`` steps of ``method`` of size ``h`` (a tensor) from ``(t, y)`` with the rhs
+    called directly on explicit tensors (what ``torch.compile`` fuses for the fixed-step
+    solvers); returns the end state and its largest magnitude (no gradient)."""
+
+    def f(tt, yy, _idx=None):
+        out = rhs(tt, yy, params) if u is None else rhs(tt, yy, params, u)
+        return out.expand(yy.shape)
+
+    step = FIXED_METHODS[method]
+    for _ in range(substeps):
+        y = step(f, t, y, h)
+        t = _shift(t, h, 1.0)
+    return y, y.detach().abs().amax()
+
+
+def integrate_fixed(
+    method: str,
+    f: F,
+    y0: torch.Tensor,
+    sched: Schedule,
+    substeps: int,
+    fused: FusedRhs | None = None,
+):
     """Fixed steps: ``substeps`` equal steps between consecutive grid points of each element.
 
     Each interval between grid points runs without per-step checks; when its end state holds a
     non-finite value, the interval is run again from its start with a check after every step,
     and the elements that fail are dropped from the computation (see the module docstring).
+    With ``fused``, an interval without failed elements is one compiled kernel
+    (:func:`_pure_interval`); the first interval runs eagerly when ``y0`` does not require
+    grad under grad mode (so that one kernel serves the rest), and checking runs eagerly.
     """
     step = FIXED_METHODS[method]
     b = y0.shape[0]
@@ -192,11 +270,24 @@ def integrate_fixed(method: str, f: F, y0: torch.Tensor, sched: Schedule, subste
             t = t + h
         return y, dead
 
+    params = None
+    if fused is not None:
+        params, y = _fused_copies(fused, y)
     for p in range(num_points):
         target = points[..., p]
         h = float(target - t) / substeps if scalar_h else (target - t) / substeps
         if any_dead:
             y, dead = careful(y, t, h, dead)
+        elif fused is not None and not (p == 0 and torch.is_grad_enabled() and not y.requires_grad):
+            u = None if fused.inputs is None else fused.inputs(t, None)
+            y_start = y
+            h_t = torch.as_tensor(h, dtype=y.dtype, device=y.device)
+            kernel = _compiled(f"fixed-{method}", _pure_interval)
+            # t: a grid column (strided) or the expanded t0 (stride 0); one layout, one kernel
+            y, top = kernel(method, substeps, fused.rhs, t.contiguous(), y, h_t, params, u)
+            if not bool(top <= limit):
+                y, dead = careful(y_start, t, h, dead)
+                any_dead = bool(dead.any())
         else:
             y_start, t_cur = y, t
             for _ in range(substeps):
@@ -296,23 +387,6 @@ def _dopri_stages(f: F, t, y, h, k1, coef, idx=None):
     return y_i, err, ks[6], times[4]
 
 
-class FusedRhs:
-    """What a compiled Dopri5 step needs besides the states: the user's ``rhs``, its flattened
-    params ``(B, *event)`` and, for piecewise-constant inputs, ``inputs(t, idx)`` giving
-    ``u (B', D)`` for the working set (constant over a step, so it is evaluated once per step
-    at the step's start, outside the kernel)."""
-
-    def __init__(
-        self,
-        rhs: Callable[..., torch.Tensor],
-        params: dict[str, torch.Tensor],
-        inputs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None,
-    ) -> None:
-        self.rhs = rhs
-        self.params = params
-        self.inputs = inputs
-
-
 def _error_ratio(y, y5, err, h, active, rtol_e, atol_e):
     """Each element's error ratio ``(B,)`` (see the module docstring; ``err`` is the error per
     unit step over ``e_1``, the tolerances are scaled to match) and the three numbers the host
@@ -371,23 +445,10 @@ def _pure_step(rhs, t, y, h, k1, tt, active, steps, rejected, params, u, ctl):
     return y, k1, h, t, steps, rejected, accept, refused, arrive, stats
 
 
-_COMPILED: dict[str, Callable[..., tuple]] = {}
-
-
 def _fused_step(fused: FusedRhs, *args):
     """:func:`_pure_step` by the compiled kernel (compiled on first use, dynamic in the batch
     size)."""
-    step = _COMPILED.get("dopri5")
-    if step is None:
-        step = _COMPILED["dopri5"] = torch.compile(_pure_step, dynamic=True)
-    try:
-        return step(fused.rhs, *args)
-    except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no C++ compiler
-        raise RuntimeError(
-            "Dopri5(compile=True): torch.compile could not build the fused step "
-            f"({type(err).__name__}: {str(err).splitlines()[0]}); it needs the inductor "
-            "backend (on CPU, a working C++ compiler). Use Dopri5(compile=False)."
-        ) from err
+    return _compiled("dopri5", _pure_step)(fused.rhs, *args)
 
 
 def integrate_dopri5(
@@ -565,12 +626,7 @@ def integrate_dopri5(
 
     fused_params = None
     if fused is not None:
-        # inputs that are views (columns of one tensor, an expanded y0) are compiled for
-        # separately from the non-view tensors of later steps: copy them once
-        fused_params = {k: v.clone() for k, v in fused.params.items()}
-        fused.params = fused_params
-        if y._base is not None:
-            y = y.clone()
+        fused_params, y = _fused_copies(fused, y)
     ctl = torch.tensor((rtol_e, atol_e, safety, dfactor, ifactor), dtype=dt, device=dev)
     n_active = b
     dirty = True  # active may have changed: count it, zero the step of inactive elements

@@ -26,10 +26,22 @@ class Solver:
 
 @dataclass(frozen=True)
 class _Fixed(Solver):
+    """A fixed-step rule with ``substeps`` equal steps between consecutive grid points.
+
+    ``compile=True`` runs the ``substeps`` steps of each interval (the rhs included) as one
+    kernel made by ``torch.compile`` (see :class:`Dopri5`'s ``compile``): compiled on the
+    first solve, then reused for any batch size with the same rhs. Inputs must be
+    :class:`~pyro_hds.PiecewiseConstant`."""
+
     substeps: int = 1
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _positive_int(type(self).__name__, "substeps", self.substeps)
+        if not isinstance(self.compile, bool):
+            raise ValueError(
+                f"{type(self).__name__}(compile={self.compile!r}): must be True or False"
+            )
 
 
 @dataclass(frozen=True)
