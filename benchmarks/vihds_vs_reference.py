@@ -45,9 +45,12 @@ bound diverges (its clipped-sample defect, see docs/vihds.md); seed 1 is the one
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +66,7 @@ import pyro_hds
 from pyro_hds.datasets import ChannelScaler, folds, load_vihds, train_test
 from pyro_hds.datasets.vihds import fetch_vihds
 from pyro_hds.models import double_receiver as dr
+from pyro_hds.solvers import Heun
 
 BATCH = 36
 #: the reference's log line after an evaluation epoch (vihds/training.py)
@@ -167,7 +171,7 @@ def run_pyro_hds(args, data, outer: int) -> tuple[float, float, float, float, fl
 
     start = time.perf_counter()
     result = pyro_hds.fit(
-        dr.model,
+        functools.partial(dr.model, solver=Heun(compile=args.compile)),
         train,
         objective=pyro_hds.IWAE(num_particles=args.particles // outer, num_outer_particles=outer),
         num_steps=steps * args.epochs,
@@ -179,6 +183,12 @@ def run_pyro_hds(args, data, outer: int) -> tuple[float, float, float, float, fl
         callback=callback,
     )
     per_epoch = (stamps[-1] - start) / len(stamps)
+    durations = [b - a for a, b in itertools.pairwise([start, *stamps])]
+    if len(durations) > 1:
+        print(
+            f"# pyro_hds S = {outer}: first epoch {durations[0]:.2f} s, later epochs median "
+            f"{statistics.median(durations[1:]):.2f} s"
+        )
     bound = float(result.evaluate(test, num_particles=args.eval_particles).mean())
     wall = time.perf_counter() - start
     ref_style = reference_estimator(result, test, args.eval_particles)
@@ -216,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-particles", type=int, default=1000, help="evaluation K")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, each side")
     parser.add_argument("--skip-reference", action="store_true", help="run pyro_hds only")
+    parser.add_argument(
+        "--compile", action="store_true", help="pyro_hds integrates with Heun(compile=True)"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.fold < 4 or args.epochs < 1 or args.particles < 1:
         parser.error("need 0 <= --fold < 4, --epochs >= 1, --particles >= 1")
@@ -227,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# DR_Constant, fold {args.fold} of 4 (seed {args.seed}), {args.epochs} epochs, "
         f"batch {BATCH}, K = {args.particles}, held-out bound with K = {args.eval_particles}, "
         f"{args.threads} threads each; pyro_hds lr 0.01 {args.lr_schedule}"
+        f"{', Heun(compile=True)' if args.compile else ''}"
     )
     data_dir = fetch_vihds(download=False)
     data = load_vihds(data_dir, download=False)
