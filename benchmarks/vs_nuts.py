@@ -78,6 +78,7 @@ seconds (N = 12, few steps and draws: its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import os
@@ -419,16 +420,18 @@ def run_pyro_hds(
     draw_particles: int,
     seed: int,
     semi_amortized: bool = False,
+    compile: bool = False,
 ) -> tuple[Run, Any]:
     """Fit ``pk_oral.model`` (IWAE with ``particles``, lr 0.02) and draw its posterior with
     ``draw_particles`` importance particles per individual; returns the run and FitResult."""
     pyro.clear_param_store()
+    model = functools.partial(pk_oral.model, solver=pyro_hds.RK4(substeps=4, compile=compile))
 
     def go():
         result = pyro_hds.fit(
-            pk_oral.model,
+            model,
             data,
-            guide=pyro_hds.AmortizedGuide(pk_oral.model, semi_amortized=semi_amortized),
+            guide=pyro_hds.AmortizedGuide(model, semi_amortized=semi_amortized),
             objective=pyro_hds.IWAE(num_particles=particles, dreg=dreg),
             num_steps=steps,
             batch_size=min(batch_size, len(data)),
@@ -545,6 +548,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="AmortizedGuide(semi_amortized=True): a learned correction per individual",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="pyro_hds integrates with RK4(substeps=4, compile=True) (compiling is timed)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.new = [12], min(args.new, 24)
@@ -593,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         f"pyro_hds: {args.steps} steps, batch {args.batch_size}, IWAE K = {args.particles}"
         f"{' (DReG)' if args.dreg else ''}"
         f"{', semi-amortized guide' if args.semi_amortized else ''}"
-        ", lr 0.02, RK4(substeps=4), float32; "
+        f", lr 0.02, RK4(substeps=4{', compile=True' if args.compile else ''}), float32; "
         f"{args.draws} draws with {args.draw_particles} importance particles per individual."
     )
     new_data, new_truth = make_data(max(args.new, NUM_GROUPS), args.seed + 1000)
@@ -623,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             draw_particles=args.draw_particles,
             seed=args.seed,
             semi_amortized=args.semi_amortized,
+            compile=args.compile,
         )
         predicted = {
             k: run_predict(result, new_data, args.draws, k, args.seed)
