@@ -260,14 +260,14 @@ def solve(
     f.segment_start = None  # type: ignore[attr-defined]
     f.piecewise = piecewise  # type: ignore[attr-defined]
 
+    fused = None  # compile=True (refused with adjoint=True above)
+    if getattr(solver, "compile", False):
+        fused = FusedRhs(rhs, pf, flat_inputs if piecewise else None)
     if adjoint:
         ys, status, steps, rejected, reached = _adjoint(
             solver, f, y0f, tf, t0f, pf, per_element_grid, name
         )
     elif isinstance(solver, Dopri5):
-        fused = None
-        if solver.compile:
-            fused = FusedRhs(rhs, pf, flat_inputs if piecewise else None)
         ys, status, steps, rejected, reached = integrate_dopri5(
             f,
             y0f,
@@ -282,9 +282,6 @@ def solve(
             fused=fused,
         )
     else:
-        fused = None
-        if getattr(solver, "compile", False):
-            fused = FusedRhs(rhs, pf, flat_inputs if piecewise else None)
         ys, status, steps, rejected, reached = integrate_fixed(
             solver.method, f, y0f, sched, int(getattr(solver, "substeps", 1)), fused=fused
         )

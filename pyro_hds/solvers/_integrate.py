@@ -115,23 +115,24 @@ class FusedRhs:
 _COMPILED: dict[str, Callable[..., tuple]] = {}
 
 
-def _compiled(name: str, fn: Callable[..., tuple]) -> Callable[..., tuple]:
+def _compiled(fn: Callable[..., tuple]) -> Callable[..., tuple]:
     """``torch.compile(fn, dynamic=True)``, made once per process and wrapped so that a
     failure to build it says what to do."""
-    compiled = _COMPILED.get(name)
-    if compiled is None:
-        compiled = _COMPILED[name] = torch.compile(fn, dynamic=True)
+    call = _COMPILED.get(fn.__name__)
+    if call is None:
+        compiled = torch.compile(fn, dynamic=True)
 
-    def call(*args):
-        try:
-            return compiled(*args)
-        except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no C++ compiler
-            raise RuntimeError(
-                "compile=True: torch.compile could not build the fused step "
-                f"({type(err).__name__}: {str(err).splitlines()[0]}); it needs the inductor "
-                "backend (on CPU, a working C++ compiler). Use compile=False."
-            ) from err
+        def call(*args):
+            try:
+                return compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no C++ compiler
+                raise RuntimeError(
+                    "compile=True: torch.compile could not build the fused step "
+                    f"({type(err).__name__}: {str(err).splitlines()[0]}); it needs the "
+                    "inductor backend (on CPU, a working C++ compiler). Use compile=False."
+                ) from err
 
+        _COMPILED[fn.__name__] = call
     return call
 
 
@@ -140,8 +141,18 @@ def _fused_copies(fused: FusedRhs, y: torch.Tensor) -> tuple[dict[str, torch.Ten
     for the non-view tensors of later steps, so views (columns of one tensor, an expanded
     ``y0``) are copied once."""
     params = {k: v.clone() for k, v in fused.params.items()}
-    fused.params = params
     return params, (y.clone() if y._base is not None else y)
+
+
+def _direct_rhs(rhs: Callable[..., torch.Tensor], params, u) -> F:
+    """The solver's ``f(t, y, idx=None)`` calling the user's ``rhs`` on explicit tensors (what
+    the compiled kernels trace; ``idx`` is unused: a kernel gets its working set's params)."""
+
+    def f(t, y, _idx=None):
+        out = rhs(t, y, params) if u is None else rhs(t, y, params, u)
+        return out.expand(y.shape)
+
+    return f
 
 
 # -- fixed-step methods -----------------------------------------------------------------------
@@ -210,11 +221,7 @@ def _pure_interval(method, substeps, rhs, t, y, h, params, u):
     """``substeps`` steps of ``method`` of size ``h`` (a tensor) from ``(t, y)`` with the rhs
     called directly on explicit tensors (what ``torch.compile`` fuses for the fixed-step
     solvers); returns the end state and its largest magnitude (no gradient)."""
-
-    def f(tt, yy, _idx=None):
-        out = rhs(tt, yy, params) if u is None else rhs(tt, yy, params, u)
-        return out.expand(yy.shape)
-
+    f = _direct_rhs(rhs, params, u)
     step = FIXED_METHODS[method]
     for _ in range(substeps):
         y = step(f, t, y, h)
@@ -270,19 +277,22 @@ def integrate_fixed(
             t = t + h
         return y, dead
 
-    params = None
+    params = kernel = None
     if fused is not None:
         params, y = _fused_copies(fused, y)
+        kernel = _compiled(_pure_interval)
     for p in range(num_points):
         target = points[..., p]
         h = float(target - t) / substeps if scalar_h else (target - t) / substeps
         if any_dead:
             y, dead = careful(y, t, h, dead)
-        elif fused is not None and not (p == 0 and torch.is_grad_enabled() and not y.requires_grad):
+        elif kernel is not None and not (
+            p == 0 and torch.is_grad_enabled() and not y.requires_grad
+        ):
+            assert fused is not None
             u = None if fused.inputs is None else fused.inputs(t, None)
             y_start = y
             h_t = torch.as_tensor(h, dtype=y.dtype, device=y.device)
-            kernel = _compiled(f"fixed-{method}", _pure_interval)
             # t: a grid column (strided) or the expanded t0 (stride 0); one layout, one kernel
             y, top = kernel(method, substeps, fused.rhs, t.contiguous(), y, h_t, params, u)
             if not bool(top <= limit):
@@ -362,6 +372,14 @@ def _combine(ks: list[torch.Tensor], rel: tuple[tuple[int, float], ...]) -> torc
     return acc
 
 
+def _dopri_coef(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c_2..c_6`` ``(5,)`` and the leading coefficients ``(6, 1)`` of :func:`_dopri_stages`."""
+    return (
+        torch.tensor(_C_STAGES, dtype=dtype, device=device),
+        torch.tensor(_LEAD, dtype=dtype, device=device).unsqueeze(-1),
+    )
+
+
 def _dopri_stages(f: F, t, y, h, k1, coef, idx=None):
     r"""One Dormand-Prince step of size ``h`` ``(B,)`` from ``(t, y)`` with first stage ``k1``.
 
@@ -423,17 +441,10 @@ def _pure_step(rhs, t, y, h, k1, tt, active, steps, rejected, params, u, ctl):
     (Python floats would be compiled in as constants). Returns the new ``y, k1, h, t, steps,
     rejected``, the masks ``accept, refused, arrive`` and the host's three numbers."""
 
-    def f(tt_, yy, _idx=None):
-        out = rhs(tt_, yy, params) if u is None else rhs(tt_, yy, params, u)
-        return out.expand(yy.shape)
-
-    coef = (
-        torch.tensor(_C_STAGES, dtype=y.dtype, device=y.device),
-        torch.tensor(_LEAD, dtype=y.dtype, device=y.device).unsqueeze(-1),
-    )
     room = tt - t
     h_eff = torch.minimum(h, room)
-    y5, err, k7, t_end = _dopri_stages(f, t, y, h_eff, k1, coef)
+    coef = _dopri_coef(y.dtype, y.device)
+    y5, err, k7, t_end = _dopri_stages(_direct_rhs(rhs, params, u), t, y, h_eff, k1, coef)
     with torch.no_grad():
         ratio, stats = _error_ratio(y.detach(), y5.detach(), err, h_eff, active, ctl[0], ctl[1])
         accept, refused, arrive, h, t, steps, rejected = _control(
@@ -443,12 +454,6 @@ def _pure_step(rhs, t, y, h, k1, tt, active, steps, rejected, params, u, ctl):
     y = torch.where(acc, y5, y)
     k1 = torch.where(acc, k7, k1)
     return y, k1, h, t, steps, rejected, accept, refused, arrive, stats
-
-
-def _fused_step(fused: FusedRhs, *args):
-    """:func:`_pure_step` by the compiled kernel (compiled on first use, dynamic in the batch
-    size)."""
-    return _compiled("dopri5", _pure_step)(fused.rhs, *args)
 
 
 def integrate_dopri5(
@@ -486,8 +491,9 @@ def integrate_dopri5(
     ``active``, so the per-step control needs no masks beyond ``active`` for acceptance and
     step counts.
 
-    With ``fused``, steps run as one compiled kernel (:func:`_fused_stages`); the first stage
-    after arrivals, the first step's and re-runs without failing elements stay eager (``f``).
+    With ``fused``, each iteration runs as one compiled kernel (:func:`_pure_step`); the first
+    stage after arrivals, the steps before the first accepted one (where ``y0`` may not
+    require grad while ``k1`` does) and iterations with a failing element stay eager (``f``).
     Compiled kernels specialize on a batch of one, so the working set is never compacted to a
     single element (a finished element stays in it, stepping by 0).
     """
@@ -518,10 +524,7 @@ def integrate_dopri5(
         # test runs only when some step falls below it
         t_scale = max(1.0, float(pts.abs().max()), float(sched.t0.detach().abs().max()))
         tiny_screen = 2e-13 * t_scale / dfactor
-    coef = (
-        torch.tensor(_C_STAGES, dtype=dt, device=dev),
-        torch.tensor(_LEAD, dtype=dt, device=dev).unsqueeze(-1),
-    )
+    coef = _dopri_coef(dt, dev)
     # the error ratio sqrt(mean((err / scale)^2)) is ||err' / scale'|| with err' = err / e_1
     # (from the stages) and scale' = scale * sqrt(S) / e_1
     err_unit = s**0.5 / _E_LEAD
@@ -624,9 +627,11 @@ def integrate_dopri5(
         q = torch.where(bad, q_end, q)
         tt = table.index_select(0, q)
 
-    fused_params = None
+    all_params = fused_params = step_kernel = None
     if fused is not None:
-        fused_params, y = _fused_copies(fused, y)
+        all_params, y = _fused_copies(fused, y)
+        fused_params = all_params
+        step_kernel = _compiled(_pure_step)
     ctl = torch.tensor((rtol_e, atol_e, safety, dfactor, ifactor), dtype=dt, device=dev)
     n_active = b
     dirty = True  # active may have changed: count it, zero the step of inactive elements
@@ -672,15 +677,18 @@ def integrate_dopri5(
             )
             status, steps, rejected = (x.index_select(0, keep) for x in (status, steps, rejected))
             active = active.index_select(0, keep)
-            if fused is not None:
-                fused_params = {k: v.index_select(0, rows) for k, v in fused.params.items()}
+            if all_params is not None:
+                fused_params = {k: v.index_select(0, rows) for k, v in all_params.items()}
         finite = diverged = None
         fused_ok = False
         # the kernel is compiled per pattern of requires_grad: before the first accepted step
         # y0 may not require grad where k1 (through the params) does; those steps run eagerly
-        if fused is not None and y.requires_grad == k1.requires_grad:
+        if step_kernel is not None and y.requires_grad == k1.requires_grad:
+            assert fused is not None
             u = None if fused.inputs is None else fused.inputs(t, None if full else rows)
-            out = _fused_step(fused, t, y, h, k1, tt, active, steps, rejected, fused_params, u, ctl)
+            out = step_kernel(
+                fused.rhs, t, y, h, k1, tt, active, steps, rejected, fused_params, u, ctl
+            )
             total, top, smallest = out[-1].tolist()
             # a failing step (see below) is done again by the eager path
             fused_ok = total - total == 0.0 and top <= limit

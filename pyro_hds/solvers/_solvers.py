@@ -18,6 +18,11 @@ def _positive_float(owner: str, name: str, value: object) -> None:
         raise ValueError(f"{owner}({name}={value!r}): must be a positive finite number")
 
 
+def _boolean(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}({name}={value!r}): must be True or False")
+
+
 class Solver:
     """Base class of the solvers; ``method`` names the integration rule."""
 
@@ -38,10 +43,7 @@ class _Fixed(Solver):
 
     def __post_init__(self) -> None:
         _positive_int(type(self).__name__, "substeps", self.substeps)
-        if not isinstance(self.compile, bool):
-            raise ValueError(
-                f"{type(self).__name__}(compile={self.compile!r}): must be True or False"
-            )
+        _boolean(type(self).__name__, "compile", self.compile)
 
 
 @dataclass(frozen=True)
@@ -78,14 +80,15 @@ class Dopri5(Solver):
         ``h * clamp(safety * err**-0.2, dfactor, ifactor)``.
     :param first_step: the initial step (default: a heuristic from the state and its slope).
     :param compile: fuse each step (the six stage evaluations of the rhs, the stage
-        combinations and the error estimate) into one kernel with ``torch.compile`` (inductor;
-        on CPU it needs a C++ compiler). The first solve compiles, forward and backward
-        separately (seconds to tens of seconds; later solves reuse the kernels for any batch
-        size), then each step costs one call instead of about a hundred small operations,
-        which is what limits speed below about 1e4 systems. Use it for long runs (training,
-        repeated solves) with an rhs defined once (a module-level function: a new function
-        object per solve compiles again). Inputs must be :class:`~pyro_hds.PiecewiseConstant`
-        (a callable ``u(t)`` is refused). Results agree with ``compile=False`` to round-off.
+        combinations, the error estimate and the step control) into one kernel with
+        ``torch.compile`` (inductor; on CPU it needs a C++ compiler). The first solve
+        compiles, forward and backward separately (seconds to tens of seconds; later solves
+        reuse the kernels for any batch size), then each step costs one call instead of
+        about a hundred small operations, which is what limits speed below about 1e4
+        systems. Use it for long runs (training, repeated solves) with an rhs defined once
+        (a module-level function: a new function object per solve compiles again). Inputs
+        must be :class:`~pyro_hds.PiecewiseConstant` (a callable ``u(t)`` is refused).
+        Results agree with ``compile=False`` to round-off.
     """
 
     rtol: float = 1e-6
@@ -108,8 +111,7 @@ class Dopri5(Solver):
             raise ValueError(f"Dopri5(safety={self.safety}): must be below 1")
         if self.first_step is not None:
             _positive_float("Dopri5", "first_step", self.first_step)
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"Dopri5(compile={self.compile!r}): must be True or False")
+        _boolean("Dopri5", "compile", self.compile)
 
 
 _NAMES: dict[str, type[Solver]] = {"euler": Euler, "heun": Heun, "rk4": RK4, "dopri5": Dopri5}
