@@ -15,7 +15,10 @@ this script on the same machine before drawing a conclusion from a ratio.
 
 Run: ``python benchmarks/vihds_epoch.py --particles 200 --threads 2`` (the reference's setting);
 ``--quick`` for a smoke run; ``--compile`` to integrate with ``Heun(compile=True)`` (the
-warm-up epoch then also pays compiling).
+warm-up epoch then also pays compiling); ``--breakdown`` to print where a step's time goes
+(wall time per phase, median over the timed steps, measured by wrapping the functions that a
+step calls: the traces of guide and model, within them the ODE solve's forward pass and the
+guide's forward, the log-weights, the backward pass and the optimizer's step).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import itertools
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import pyro
 import torch
@@ -37,9 +42,68 @@ from pyro_hds.datasets import folds, load_vihds, train_test
 from pyro_hds.models import double_receiver as dr
 from pyro_hds.solvers import Heun
 
+#: (label, a function giving the owner, attribute) of what --breakdown times; nested labels
+#: (indented) are parts of the label above them
+PHASES: list[tuple[str, Callable[[], object], str]] = [
+    ("traces of guide and model", lambda: pyro_hds.objectives.IWAE, "_traces"),
+    ("  of which the ODE solve, forward", lambda: sys.modules["pyro_hds.ode"], "solve"),
+    ("  of which the guide's forward", lambda: pyro_hds.AmortizedGuide, "forward"),
+    ("log-weights and bound", lambda: pyro_hds.objectives.IWAE, "_weights"),
+    ("backward", lambda: torch.Tensor, "backward"),
+    ("optimizer step", lambda: torch.optim.Adam, "step"),
+]
+
+
+@contextmanager
+def breakdown(step_of: Callable[[], int]) -> Iterator[dict[str, dict[int, float]]]:
+    """Wrap the functions of :data:`PHASES` so that each call adds its wall time to
+    ``times[label][step]`` (``step_of()`` names the step running); restored on exit."""
+    times: dict[str, dict[int, float]] = {label: defaultdict(float) for label, _, _ in PHASES}
+    saved = []
+    for label, owner_of, attr in PHASES:
+        owner = owner_of()
+        original = getattr(owner, attr)
+        saved.append((owner, attr, original))
+
+        def timed(*args, __fn=original, __acc=times[label], **kwargs):
+            start = time.perf_counter()
+            try:
+                return __fn(*args, **kwargs)
+            finally:
+                __acc[step_of()] += time.perf_counter() - start
+
+        setattr(owner, attr, timed)
+    try:
+        yield times
+    finally:
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
+
+
+def print_breakdown(times: dict[str, dict[int, float]], steps: dict[int, float]) -> None:
+    """Median per step of each phase over the steps in ``steps`` (step -> wall time)."""
+    print("\n| phase | ms per step (median) | share |")
+    print("|---|---|---|")
+    total = statistics.median(steps.values())
+    top_level = 0.0
+    for label, _, _ in PHASES:
+        value = statistics.median(times[label].get(i, 0.0) for i in steps)
+        if not label.startswith(" "):
+            top_level += value
+        print(f"| {label} | {value * 1e3:.1f} | {value / total:.0%} |")
+    rest = total - top_level
+    print(f"| the rest (data, clipping, checks, Python) | {rest * 1e3:.1f} | {rest / total:.0%} |")
+    print(f"| whole step | {total * 1e3:.1f} | 100% |")
+
+
 #: the reference's seconds per epoch at K = 200, two threads (VIHDS_REFERENCE.md)
 REFERENCE_EPOCH_S = 2.46
 BATCH = 36
+
+
+@contextmanager
+def _nothing() -> Iterator[dict[str, dict[int, float]]]:
+    yield {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--compile",
         action="store_true",
         help="Heun(compile=True): each observation interval as one torch.compile'd kernel",
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="print the wall time per phase of a step"
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -70,24 +137,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     pyro.clear_param_store()
     stamps: list[float] = []
+    current = [0]  # the step running
+    step_ends: dict[int, float] = {}
 
     def callback(step: int, loss: float) -> None:
         # fit() calls back after every step; an epoch ends every `steps` steps
+        step_ends[step] = time.perf_counter()
+        current[0] = step + 1
         if (step + 1) % steps == 0:
             stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    pyro_hds.fit(
-        functools.partial(dr.model, solver=Heun(compile=args.compile)),
-        train,
-        objective=pyro_hds.IWAE(num_particles=args.particles),
-        num_steps=steps * (args.epochs + 1),
-        batch_size=BATCH,
-        lr=0.01,
-        seed=0,
-        progress=False,
-        callback=callback,
-    )
+    with breakdown(lambda: current[0]) if args.breakdown else _nothing() as phase_times:
+        pyro_hds.fit(
+            functools.partial(dr.model, solver=Heun(compile=args.compile)),
+            train,
+            objective=pyro_hds.IWAE(num_particles=args.particles),
+            num_steps=steps * (args.epochs + 1),
+            batch_size=BATCH,
+            lr=0.01,
+            seed=0,
+            progress=False,
+            callback=callback,
+        )
     bounds = [start, *stamps]
     times = [b - a for a, b in itertools.pairwise(bounds)]
     print(f"warm-up epoch (set-up included): {format_seconds(times[0])}")
@@ -95,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"epoch {i}: {format_seconds(t)}", flush=True)
     times = times[1:]
     median = statistics.median(times)
+    if args.breakdown:
+        # the steps after the warm-up epoch, each timed from the previous step's end
+        timed = {i: step_ends[i] - step_ends[i - 1] for i in range(steps, len(step_ends))}
+        print_breakdown(phase_times, timed)
     print(f"\npyro_hds: {format_seconds(median)} per epoch (median of {len(times)})")
     if args.particles == 200 and args.threads == 2:
         print(

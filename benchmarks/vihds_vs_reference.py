@@ -96,8 +96,14 @@ def log_scale_shift(scales: torch.Tensor, num_times: int) -> float:
     return num_times * float(torch.log(scales.double()).sum())
 
 
-def run_reference(args, data_dir: Path) -> tuple[dict[str, float], float]:
-    """Run the reference's DR_Constant on the fold; its parsed last log line and wall time."""
+#: what the reference prints when a training batch's bound is NaN, before it stops
+REFERENCE_NAN = "Cannot proceed with ELBO = nan"
+
+
+def run_reference(args, data_dir: Path) -> tuple[dict[str, float] | None, float]:
+    """Run the reference's DR_Constant on the fold; its parsed last log line (None when its
+    training stopped on a NaN bound, which it reports and exits from with status 0) and wall
+    time."""
     ref = Path(args.reference).resolve()
     script, spec = ref / "vihds" / "run_xval.py", ref / "specs" / "dr_constant_icml.yaml"
     for path in (script, spec):
@@ -133,6 +139,8 @@ def run_reference(args, data_dir: Path) -> tuple[dict[str, float], float]:
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise SystemExit(f"the reference failed (exit {proc.returncode}):\n{tail}")
+    if REFERENCE_NAN in proc.stdout and not LOG_LINE.search(proc.stdout):
+        return None, wall
     return parse_reference_log(proc.stdout), wall
 
 
@@ -246,8 +254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = load_vihds(data_dir, download=False)
     num_times = data.observations.shape[1]
     rows = []
+    ref_failed = None
     if not args.skip_reference:
         ref, ref_wall = run_reference(args, data_dir)
+        if ref is None:
+            ref_failed = (
+                f"the reference stopped after {ref_wall:.0f} s: '{REFERENCE_NAN}. Exiting.' "
+                "(a training minibatch's bound was NaN; it reports no epoch)"
+            )
+            print(f"# {ref_failed}")
+    if not args.skip_reference and ref is not None:
         if int(ref["epoch"]) != args.epochs:
             raise SystemExit(f"the reference's last evaluation is epoch {ref['epoch']}")
         ref_scales = ChannelScaler().fit(data).scales  # the reference's: all 312 wells
@@ -273,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {name} | {epoch_s:.2f} | {bound:.1f} | {shift:.1f} | {bound - shift:.1f} | "
             f"{f'{wall:.0f} s' if wall else ''} |"
         )
-    if not args.skip_reference:
+    if ref_failed is not None:
+        print(f"\nno comparison on this fold: {ref_failed}")
+    elif not args.skip_reference:
         ref_row = rows[0]
         ref_unscaled = ref_row[2] - ref_row[3]
         print()
