@@ -227,8 +227,8 @@ def _pure_interval(method, substeps, rhs, t, y_sm, h, params, u):
     (the rhs still sees ``(B, S)``, a transposed view). Every load and store of the fused
     kernels, forward and backward, is then contiguous along the batch and vectorizes; with
     ``(B, S)`` rows each state is read with stride ``S`` and the generated loops were scalar
-    (the kernel pair took about a fifth longer at 3600 systems of the double-receiver
-    model)."""
+    (forward and backward over 85 intervals of the double-receiver model at 3600 systems
+    took a median of 75 ms that way, against 60 ms state-major)."""
     f = _direct_rhs(rhs, params, u)
     step = FIXED_METHODS[method]
     y = y_sm.t()
