@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = load_vihds(data_dir, download=False)
     num_times = data.observations.shape[1]
     rows = []
-    ref_failed = None
+    ref_failed = ref = None
     if not args.skip_reference:
         ref, ref_wall = run_reference(args, data_dir)
         if ref is None:
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "(a training minibatch's bound was NaN; it reports no epoch)"
             )
             print(f"# {ref_failed}")
-    if not args.skip_reference and ref is not None:
+    if ref is not None:
         if int(ref["epoch"]) != args.epochs:
             raise SystemExit(f"the reference's last evaluation is epoch {ref['epoch']}")
         ref_scales = ChannelScaler().fit(data).scales  # the reference's: all 312 wells

@@ -153,7 +153,9 @@ def test_vihds_epoch_quick_run():
     phases = ["traces of guide and model", "of which the ODE solve, forward", "backward"]
     phases += ["of which the guide's forward", "log-weights and bound", "optimizer step"]
     assert all(rows[p] > 0 for p in phases), rows
-    assert rows["whole step"] > rows["traces of guide and model"] + rows["backward"]
+    # each phase lies within its step, so its median cannot exceed the step's (a sum of
+    # medians can: medians do not add)
+    assert all(rows[p] <= rows["whole step"] for p in phases), rows
 
 
 @pytest.mark.skipif(

@@ -136,12 +136,27 @@ def _compiled(fn: Callable[..., tuple]) -> Callable[..., tuple]:
     return call
 
 
-def _fused_copies(fused: FusedRhs, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The params and ``y`` as non-view tensors: kernels compiled for views are not reused
-    for the non-view tensors of later steps, so views (columns of one tensor, an expanded
-    ``y0``) are copied once."""
-    params = {k: v.clone() for k, v in fused.params.items()}
-    return params, (y.clone() if y._base is not None else y)
+def _fused_params(fused: FusedRhs) -> dict[str, torch.Tensor]:
+    """The params as non-view tensors: kernels compiled for views are not reused for the
+    non-view tensors of later steps, so views (columns of one tensor, expanded values) are
+    copied once per solve (the state gets the same treatment where each loop passes it)."""
+    return {k: v.clone() for k, v in fused.params.items()}
+
+
+def _state_major_copy(y: torch.Tensor) -> torch.Tensor:
+    """The contiguous ``(S, B)`` tensor that the compiled interval takes, for the ``(B, S)``
+    state ``y``: when ``y`` is the transpose of such a tensor (the previous kernel's output),
+    that tensor itself; else a copy (never a view, see :func:`_fused_params`)."""
+    base = y._base
+    if (
+        base is not None
+        and base._base is None
+        and base.shape == y.shape[::-1]
+        and base.data_ptr() == y.data_ptr()
+        and y.t().is_contiguous()
+    ):
+        return base
+    return y.t().clone(memory_format=torch.contiguous_format)
 
 
 def _direct_rhs(rhs: Callable[..., torch.Tensor], params, u) -> F:
@@ -286,9 +301,9 @@ def integrate_fixed(
             t = t + h
         return y, dead
 
-    params = kernel = y_sm = None
+    params = kernel = None
     if fused is not None:
-        params, y = _fused_copies(fused, y)
+        params = _fused_params(fused)
         kernel = _compiled(_pure_interval)
     for p in range(num_points):
         target = points[..., p]
@@ -304,20 +319,19 @@ def integrate_fixed(
             h_t = torch.as_tensor(h, dtype=y.dtype, device=y.device)
             # t: a grid column (strided), the expanded t0 (stride 0) or a 0-d element of a
             # shared grid, all views: a copy gives one layout and no base size to specialize
-            # on, so one kernel serves them all. y enters as a contiguous (S, B) tensor that
-            # is not a view (the previous kernel's output, else one copy) and leaves as its
-            # (B, S) transpose, which _gather_outputs stacks without moving values
-            if y_sm is None:
-                y_sm = y.t().clone(memory_format=torch.contiguous_format)
+            # on, so one kernel serves them all. y enters as a contiguous (S, B) tensor and
+            # leaves as its (B, S) transpose, which _gather_outputs stacks without moving
+            # values
             t_in = t.clone(memory_format=torch.contiguous_format)
-            y_sm, top = kernel(method, substeps, fused.rhs, t_in, y_sm, h_t, params, u)
+            y_sm, top = kernel(
+                method, substeps, fused.rhs, t_in, _state_major_copy(y), h_t, params, u
+            )
             y = y_sm.t()
             if not bool(top <= limit):
                 y, dead = careful(y_start, t, h, dead)
                 any_dead = bool(dead.any())
-                y_sm = None
         else:
-            y_start, t_cur, y_sm = y, t, None
+            y_start, t_cur = y, t
             for _ in range(substeps):
                 f.segment_start = t_cur  # type: ignore[attr-defined]
                 y = step(f, t_cur, y, h)
@@ -332,7 +346,6 @@ def integrate_fixed(
         hist.append(y)
         if sched.has_jumps:
             y = sched.apply_jumps(y, ~dead, torch.full((b,), p, device=y.device))
-            y_sm = None
     obs_index = sched.obs_index.expand(b, -1)
     ys = _gather_outputs(hist, obs_index, identity=sched.obs_only)
     status = torch.where(dead, int(Status.NONFINITE), int(Status.SUCCESS)).long()
@@ -648,7 +661,8 @@ def integrate_dopri5(
 
     all_params = fused_params = step_kernel = None
     if fused is not None:
-        all_params, y = _fused_copies(fused, y)
+        all_params = _fused_params(fused)
+        y = y.clone() if y._base is not None else y
         fused_params = all_params
         step_kernel = _compiled(_pure_step)
     ctl = torch.tensor((rtol_e, atol_e, safety, dfactor, ifactor), dtype=dt, device=dev)
