@@ -421,29 +421,57 @@ def run_pyro_hds(
     seed: int,
     semi_amortized: bool = False,
     compile: bool = False,
+    average_last: float = 0.0,
+    trace_every: int = 0,
+    reference: dict[str, np.ndarray] | None = None,
 ) -> tuple[Run, Any]:
     """Fit ``pk_oral.model`` (IWAE with ``particles``, lr 0.02) and draw its posterior with
-    ``draw_particles`` importance particles per individual; returns the run and FitResult."""
+    ``draw_particles`` importance particles per individual; returns the run and FitResult.
+
+    With ``trace_every`` and NUTS draws as ``reference``, every ``trace_every`` steps the
+    guide's medians of the population parameters are printed as signed errors
+    ``(median - mean_NUTS) / sd_NUTS``: how the fit approaches NUTS's answer. The time spent
+    tracing is left out of the reported times (it is printed)."""
     pyro.clear_param_store()
     model = functools.partial(pk_oral.model, solver=pyro_hds.RK4(substeps=4, compile=compile))
+    guide = pyro_hds.AmortizedGuide(model, semi_amortized=semi_amortized)
+    traced = [0.0]
+
+    def trace(step: int, loss: float) -> None:
+        if reference is None or not trace_every or (step + 1) % trace_every:
+            return
+        begin = time.perf_counter()
+        with torch.no_grad():
+            median = {k: v.detach().double().cpu().numpy() for k, v in guide.median(data).items()}
+        errors = signed_errors(median, reference)
+        if step + 1 == trace_every:
+            print("  trace: step, loss, " + ", ".join(errors), flush=True)
+        text = " ".join(f"{e:+7.2f}" for e in errors.values())
+        print(f"  trace: {step + 1:6d} {loss:12.1f} {text}", flush=True)
+        traced[0] += time.perf_counter() - begin
 
     def go():
         result = pyro_hds.fit(
             model,
             data,
-            guide=pyro_hds.AmortizedGuide(model, semi_amortized=semi_amortized),
+            guide=guide,
             objective=pyro_hds.IWAE(num_particles=particles, dreg=dreg),
             num_steps=steps,
             batch_size=min(batch_size, len(data)),
             lr=0.02,
+            average_last=average_last,
             seed=seed,
             progress=False,
+            callback=trace if trace_every else None,
         )
         fitted = time.perf_counter()
         posterior = result.posterior(num_samples=draws, num_particles=draw_particles, seed=seed)
         return result, posterior, time.perf_counter() - fitted
 
     (result, posterior, draw_seconds), wall, cpu = timed(go)
+    wall -= traced[0]
+    if traced[0]:
+        print(f"  (tracing took {traced[0]:.1f} s, left out of the times)", flush=True)
     extra = {"draw_seconds": draw_seconds, "fit_seconds": wall - draw_seconds}
     return Run(wall, cpu, draws_of(posterior), extra), result
 
@@ -466,12 +494,19 @@ def run_predict(result, new_data: Dataset, draws: int, particles: int, seed: int
 
 def population_errors(hds: dict[str, np.ndarray], nuts: dict[str, np.ndarray]) -> dict:
     """``{label: |mean_hds - mean_NUTS| / sd_NUTS}`` for the globals and ``cl_group[g]``."""
+    means = {k: hds[k].reshape(hds[k].shape[0], -1).mean(0) for k in (*GLOBALS, "cl_group")}
+    return {label: abs(e) for label, e in signed_errors(means, nuts).items()}
+
+
+def signed_errors(values: dict[str, np.ndarray], nuts: dict[str, np.ndarray]) -> dict:
+    """``{label: (value - mean_NUTS) / sd_NUTS}`` for the globals and ``cl_group[g]``, from
+    point values ``{site: array}`` (a scalar, or one entry per group for ``cl_group``)."""
     out = {}
     for name in (*GLOBALS, "cl_group"):
-        a, b = hds[name].reshape(hds[name].shape[0], -1), nuts[name].reshape(len(nuts[name]), -1)
-        labels = [name] if a.shape[1] == 1 else [f"{name}[{g}]" for g in range(a.shape[1])]
+        a, b = np.reshape(values[name], -1), nuts[name].reshape(len(nuts[name]), -1)
+        labels = [name] if a.shape[0] == 1 else [f"{name}[{g}]" for g in range(a.shape[0])]
         for j, label in enumerate(labels):
-            out[label] = abs(a[:, j].mean() - b[:, j].mean()) / b[:, j].std()
+            out[label] = float((a[j] - b[:, j].mean()) / b[:, j].std())
     return out
 
 
@@ -553,7 +588,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="pyro_hds integrates with RK4(substeps=4, compile=True) (compiling is timed)",
     )
+    p.add_argument(
+        "--average-last",
+        type=float,
+        default=0.0,
+        help="fit(average_last=...): average the parameters over this share of the last steps",
+    )
+    p.add_argument(
+        "--trace-every",
+        type=int,
+        default=0,
+        help="print the guide's population errors against NUTS every this many steps",
+    )
     args = p.parse_args(argv)
+    if not 0.0 <= args.average_last <= 1.0:
+        p.error("--average-last must be in [0, 1]")
+    if args.trace_every < 0:
+        p.error("--trace-every must be >= 0")
     if args.quick:
         args.sizes, args.new = [12], min(args.new, 24)
         args.warmup, args.draws, args.steps = 20, 20, 20
@@ -597,11 +648,17 @@ def main(argv: list[str] | None = None) -> int:
         f"({'RK4(substeps=4) ODE solve in jax' if args.nuts_ode else 'closed form'}), "
         f"float32, seed {args.seed}."
     )
+    averaging = (
+        f", parameters averaged over the last {args.average_last:g} of the steps"
+        if args.average_last
+        else ""
+    )
     print(
         f"pyro_hds: {args.steps} steps, batch {args.batch_size}, IWAE K = {args.particles}"
         f"{' (DReG)' if args.dreg else ''}"
         f"{', semi-amortized guide' if args.semi_amortized else ''}"
-        f", lr 0.02, RK4(substeps=4{', compile=True' if args.compile else ''}), float32; "
+        f", lr 0.02, RK4(substeps=4{', compile=True' if args.compile else ''}), float32"
+        f"{averaging}; "
         f"{args.draws} draws with {args.draw_particles} importance particles per individual."
     )
     new_data, new_truth = make_data(max(args.new, NUM_GROUPS), args.seed + 1000)
@@ -632,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             semi_amortized=args.semi_amortized,
             compile=args.compile,
+            average_last=args.average_last,
+            trace_every=args.trace_every,
+            reference=nuts.draws,
         )
         predicted = {
             k: run_predict(result, new_data, args.draws, k, args.seed)

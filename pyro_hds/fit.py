@@ -124,6 +124,7 @@ def fit(
     final_lr_fraction: float = 0.1,
     warmup_steps: int = 0,
     clip_norm: float | None = 10.0,
+    average_last: float = 0.0,
     validation: Any = None,
     validate_every: int = 100,
     validation_particles: int = 100,
@@ -135,7 +136,7 @@ def fit(
     tensorboard: str | os.PathLike | None = None,
     callback: Callable[[int, float], None] | None = None,
 ):
-    """Fit ``guide`` to ``model`` on ``data`` and return a :class:`~pyro_hds.FitResult`.
+    r"""Fit ``guide`` to ``model`` on ``data`` and return a :class:`~pyro_hds.FitResult`.
 
     :param model: ``model(data)``, a Pyro model over a :class:`~pyro_hds.Dataset` minibatch.
     :param data: the training :class:`~pyro_hds.Dataset` (N individuals). Any other object
@@ -154,6 +155,18 @@ def fit(
         ``constant``) decays it to ``final_lr_fraction * lr`` at the last step, after
         ``warmup_steps`` of linear warm-up.
     :param clip_norm: clip the global gradient norm (None: no clipping).
+    :param average_last: the share of the steps over which the parameters are averaged
+        (Polyak-Ruppert tail averaging; 0: off). With :math:`T` steps and
+        :math:`M = \max(1, \operatorname{round}(\text{average\_last} \cdot T))`, the fit returns
+
+        .. math:: \bar\theta = \frac{1}{M} \sum_{t = T - M + 1}^{T} \theta_t,
+
+        the mean of the parameters after each of the last :math:`M` optimizer steps, in place
+        of the last iterate :math:`\theta_T`. Near the optimum, Adam's iterates wander around
+        it with a spread set by the learning rate and the gradient noise (minibatches,
+        particles); their mean has a smaller spread, at the price of a lag if the parameters
+        still drift (then fit longer). The averages are kept in the checkpoint, so a resumed fit
+        returns the same mean; an interrupted fit leaves the last iterate in the store.
     :param validation: a held-out :class:`~pyro_hds.Dataset`; every ``validate_every`` steps its
         per-individual importance-weighted bound with ``validation_particles`` is logged.
     :param checkpoint: a file written atomically every ``checkpoint_every`` steps and at the end.
@@ -198,6 +211,8 @@ def fit(
         raise ValueError(f"fit(batch_size={batch_size!r}): must be between 1 and N = {n}")
     if validate_every < 1 or checkpoint_every < 1:
         raise ValueError("fit(): validate_every and checkpoint_every must be >= 1")
+    if not 0.0 <= average_last <= 1.0:
+        raise ValueError(f"fit(average_last={average_last}): must be in [0, 1]")
     if not 0 < final_lr_fraction <= 1:
         raise ValueError(f"fit(final_lr_fraction={final_lr_fraction}): must be in (0, 1]")
     _lr_factor(lr_schedule, 0, max(num_steps, 1), final_lr_fraction, 0)  # validates the name
@@ -249,6 +264,12 @@ def fit(
     )
 
     history: dict[str, list] = {"step": [], "loss": [], "val_step": [], "val_bound": []}
+    # tail averaging: the running mean of each parameter over the steps from first_averaged on
+    first_averaged = (
+        num_steps - max(1, round(average_last * num_steps)) if average_last else num_steps
+    )
+    averages: list[torch.Tensor] = []
+    averaged_steps = 0
     start = 0
     order = torch.randperm(n, generator=perm_gen)
     cursor = 0
@@ -271,6 +292,9 @@ def fit(
         perm_gen.set_state(state["perm_rng"])
         order, cursor, start = state["order"], int(state["cursor"]), int(state["step"])
         history = {k: list(v) for k, v in state["history"].items()}
+        averaged_steps = int(state.get("averaged_steps", 0))
+        if averaged_steps:
+            averages = [a.to(p) for a, p in zip(state["averages"], params)]
 
     writer = None
     if tensorboard is not None:
@@ -298,6 +322,8 @@ def fit(
                 "order": order,
                 "cursor": cursor,
                 "history": history,
+                "averages": averages,
+                "averaged_steps": averaged_steps,
             },
             ckpt_path,
         )
@@ -344,6 +370,14 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(params, clip_norm)
             optimizer.step()
             scheduler.step()
+            if step >= first_averaged:
+                averaged_steps += 1
+                with torch.no_grad():
+                    if averaged_steps == 1:
+                        averages = [p.detach().clone() for p in params]
+                    else:
+                        for a, p in zip(averages, params):
+                            a.add_(p.detach() - a, alpha=1.0 / averaged_steps)
             loss_value = float(loss.detach())
             history["step"].append(step)
             history["loss"].append(loss_value)
@@ -374,6 +408,10 @@ def fit(
         if writer is not None:
             writer.close()
     save_checkpoint(max(num_steps, start))
+    if averaged_steps:  # after the checkpoint, which keeps the last iterate and the averages
+        with torch.no_grad():
+            for a, p in zip(averages, params):
+                p.copy_(a)
     return FitResult(model=model, guide=guide, data=data, objective=objective, history=history)
 
 

@@ -249,10 +249,65 @@ def test_quick_run(numpyro_installed):
 
 
 def test_quick_run_with_ode_nuts_and_no_new_individuals(numpyro_installed):
-    out = _quick("--nuts-ode", "--new", "0")
+    out = _quick("--nuts-ode", "--new", "0", "--trace-every", "10", "--average-last", "0.5")
     assert "centred model (RK4(substeps=4) ODE solve in jax)" in out
+    assert "parameters averaged over the last 0.5 of the steps" in out
+    # the trace: a header naming the 9 population parameters, then steps 10 and 20 of 20
+    header = re.findall(r"^  trace: step, loss, (.*)$", out, flags=re.M)
+    assert header == [
+        ", ".join(
+            [
+                "ka_pop",
+                "cl_pop",
+                "v_pop",
+                "omega",
+                "sigma",
+                "group_sd",
+                *(f"cl_group[{g}]" for g in range(3)),
+            ]
+        )
+    ], out
+    lines = re.findall(r"^  trace: +(\d+) (.*)$", out, flags=re.M)
+    assert [int(step) for step, _ in lines] == [10, 20], out
+    for _, rest in lines:
+        values = [float(v) for v in rest.split()]
+        assert len(values) == 10 and all(math.isfinite(v) for v in values), rest
+    assert re.search(r"\(tracing took \S+ s, left out of the times\)", out)
     # only the population table; two verdicts (population means, speed)
     tables = _tables(out)
     assert len(tables) == 1 and tables[0][1][0] == "12"
     assert "NEW individuals" not in out
     assert len(re.findall(r"^- N = 12: .*: (met|MISSED) \(", out, flags=re.M)) == 2, out
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_vs_nuts_inproc", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while it executes
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_errors_in_nuts_standard_deviations():
+    import numpy as np
+
+    bench = _bench_module()
+    rng = np.random.default_rng(0)
+    names = ["ka_pop", "cl_pop", "v_pop", "omega", "sigma", "group_sd"]
+    nuts = {k: rng.normal(1.0, 0.5, size=400) for k in names}
+    nuts["cl_group"] = rng.normal([1.0, 2.0, 3.0], [0.1, 0.2, 0.4], size=(400, 3))
+    point = {k: np.array(nuts[k].mean() - 2.0 * nuts[k].std()) for k in names}
+    point["cl_group"] = nuts["cl_group"].mean(0) + np.array([1.0, -0.5, 3.0]) * nuts[
+        "cl_group"
+    ].std(0)
+    signed = bench.signed_errors(point, nuts)
+    expected = [-2.0] * 6 + [1.0, -0.5, 3.0]
+    assert list(signed) == [*names, "cl_group[0]", "cl_group[1]", "cl_group[2]"]
+    assert list(signed.values()) == pytest.approx(expected, rel=1e-12)
+    # population_errors: the same in absolute value, from the means of posterior draws
+    draws = {k: np.stack([v - 1.0, v + 1.0]) for k, v in point.items()}
+    assert list(bench.population_errors(draws, nuts).values()) == pytest.approx(
+        [abs(e) for e in expected], rel=1e-12
+    )

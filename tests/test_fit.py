@@ -71,6 +71,52 @@ def test_resume_reproduces_uninterrupted_fit(small_data, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
+def test_average_last_returns_the_mean_of_the_last_iterates(small_data):
+    data, _ = small_data
+    seen = []
+    _fit(data, steps=12, seed=3, average_last=0.25, callback=lambda s, loss: seen.append(_params()))
+    averaged = _params()
+    last = seen[-1]
+    # M = round(0.25 * 12) = 3: the parameters after steps 10, 11 and 12
+    for k in averaged:
+        mean = torch.stack([p[k] for p in seen[-3:]]).mean(0)
+        # a running mean against a direct one: float32 round-off of three additions
+        torch.testing.assert_close(averaged[k], mean, rtol=1e-5, atol=1e-6)
+    moved = [k for k in averaged if not torch.equal(averaged[k], last[k])]
+    assert moved, "the averaged parameters equal the last iterate"
+    with pytest.raises(ValueError, match="average_last"):
+        _fit(data, steps=2, average_last=1.5)
+
+
+def test_resume_with_averaging_reproduces_uninterrupted_fit(small_data, tmp_path):
+    data, _ = small_data
+    ckpt = tmp_path / "avg.pt"
+    _fit(data, steps=24, seed=2, average_last=0.5)
+    uninterrupted = _params()
+    pyro.clear_param_store()
+
+    def kill(step, loss):
+        if step == 18:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _fit(
+            data,
+            steps=24,
+            seed=2,
+            average_last=0.5,
+            checkpoint=ckpt,
+            checkpoint_every=4,
+            callback=kill,
+        )
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["step"], state["averaged_steps"]) == (16, 4)
+    pyro.clear_param_store()
+    _fit(data, steps=24, seed=2, average_last=0.5, checkpoint=ckpt, resume=True)
+    for k, v in _params().items():
+        torch.testing.assert_close(v, uninterrupted[k], rtol=0, atol=0)
+
+
 def test_checkpoint_loads_without_pickle(small_data, tmp_path):
     data, _ = small_data
     ckpt = tmp_path / "c.pt"
