@@ -1,7 +1,8 @@
 """Export of posterior draws to an ArviZ ``xarray.DataTree``.
 
 The tree follows ArviZ's conventions (``arviz-base`` ``from_dict``): sample dims ``chain`` and
-``draw`` (one chain of independent resampled draws), named dims and coordinates from the data
+``draw`` (one chain of independent resampled draws, or the ``num_chains`` Markov chains of
+:meth:`FitResult.gibbs <pyro_hds.FitResult.gibbs>`), named dims and coordinates from the data
 set's labels, and the groups
 
 * ``posterior``: global sites ``(chain, draw, *event)``, group sites ``(chain, draw, group,
@@ -38,6 +39,13 @@ def to_datatree(posterior: Any, data: Any) -> xr.DataTree:
     """Build the ArviZ ``DataTree`` of a :class:`~pyro_hds.results.Posterior` for ``data``."""
     from arviz_base import from_dict
 
+    chains = int(getattr(posterior, "num_chains", 1))
+
+    def chained(x: torch.Tensor, dtype=None) -> np.ndarray:
+        # (D, ...) -> (chain, draw, ...): the draws are the chains one after another
+        arr = _np(x, dtype)
+        return arr.reshape(chains, arr.shape[0] // chains, *arr.shape[1:])
+
     n = len(data)
     times = data.times
     shared = times.dim() == 1
@@ -54,7 +62,7 @@ def to_datatree(posterior: Any, data: Any) -> xr.DataTree:
     post: dict[str, np.ndarray] = {}
     for name, value in posterior.samples.items():
         level = posterior.site_levels.get(name, "global")
-        arr = _np(value)[None]  # chain dim
+        arr = chained(value)
         extra = arr.ndim - 2
         if level in ("local", "deterministic") and extra >= 1 and arr.shape[2] == n:
             site_dims = ["individual"]
@@ -69,9 +77,9 @@ def to_datatree(posterior: Any, data: Any) -> xr.DataTree:
         post[name] = arr
     pred = {}
     for name, value in posterior.predictive.items():
-        pred[name] = _np(value)[None]
+        pred[name] = chained(value)
         dims[name] = ["individual", "time", "channel"][: pred[name].ndim - 2]
-    loglik = {name: _np(v, np.float64)[None] for name, v in posterior.log_likelihood.items()}
+    loglik = {name: chained(v, np.float64) for name, v in posterior.log_likelihood.items()}
     obs_name = next(iter(posterior.predictive), "y")
     observed = np.where(_np(data.mask), _np(data.observations), np.nan)
     constant: dict[str, np.ndarray] = {
@@ -89,7 +97,7 @@ def to_datatree(posterior: Any, data: Any) -> xr.DataTree:
         constant["group_features"] = _np(data.group_features)
         const_dims["group_features"] = ["group", "feature"]
         coords["feature"] = [str(f) for f in data.feature_names]
-    stats = {"inner_bound": _np(posterior.inner_bound, np.float64)[None]}
+    stats = {"inner_bound": chained(posterior.inner_bound, np.float64)}
     all_dims = {
         **dims,
         **{name: ["individual"] for name in loglik},

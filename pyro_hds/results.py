@@ -54,6 +54,10 @@ class Posterior:
         weights (NaN for K < 25).
     :ivar ess: ``(N,)`` mean over draws of the weights' effective sample size (out of K).
     :ivar site_levels: site name -> "global", "group", "local" or "observed".
+    :ivar num_chains: the draws are this many chains of equal length, one after another
+        (Markov chains of :meth:`FitResult.gibbs`; 1 for independent resampled draws).
+    :ivar diagnostics: what the sampler reports (:meth:`FitResult.gibbs`: acceptance rates,
+        step sizes, how often the locals moved).
     """
 
     samples: dict[str, torch.Tensor]
@@ -66,6 +70,8 @@ class Posterior:
     num_particles: int = 1
     global_ess: float | None = None
     global_pareto_k: float | None = None
+    num_chains: int = 1
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def select(self, index: torch.Tensor) -> Posterior:
         """The draws at ``index`` (along the draw dim) of every field."""
@@ -261,11 +267,15 @@ class FitResult:
             posterior.global_pareto_k = float(_pareto_k(log_w[None]).reshape(()))
         return posterior
 
-    def _resample(self, weights: LogWeights) -> dict[str, Any]:
+    @staticmethod
+    def _resample(weights: LogWeights, chosen: torch.Tensor | None = None) -> dict[str, Any]:
+        """One draw per outer particle: every individual keeps particle ``chosen`` ``(S, N)``
+        (drawn by importance resampling when None)."""
         lw = weights.local  # (S, K, N)
         s, k, n = lw.shape
-        probs = torch.softmax(lw.double(), dim=1).permute(0, 2, 1).reshape(s * n, k)
-        chosen = torch.multinomial(probs, 1).reshape(s, n)  # (S, N)
+        if chosen is None:
+            probs = torch.softmax(lw.double(), dim=1).permute(0, 2, 1).reshape(s * n, k)
+            chosen = torch.multinomial(probs, 1).reshape(s, n)  # (S, N)
         samples: dict[str, torch.Tensor] = {}
         predictive: dict[str, torch.Tensor] = {}
         loglik: dict[str, torch.Tensor] = {}
@@ -343,6 +353,67 @@ class FitResult:
             site_levels=parts[0]["levels"],
             num_particles=k,
         )
+
+    @_own_parameters
+    def gibbs(
+        self,
+        data: Any = None,
+        num_samples: int = 1000,
+        *,
+        num_chains: int = 4,
+        warmup: int = 200,
+        num_particles: int = 16,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> Posterior:
+        r"""Draws from the exact joint posterior of ``data`` (default: the training data) by
+        particle Gibbs with the trained guide as the proposal (:mod:`pyro_hds.gibbs`).
+
+        Unlike :meth:`posterior`, whose globals are draws of the guide, every site is
+        corrected: the chains target :math:`p(	heta, \phi, z \mid y)` whatever the guide's
+        errors. Use it when the globals matter and the guide may be biased (many individuals,
+        a short fit); check ``diagnostics`` and the chains (ArviZ's R-hat and ESS over the
+        ``num_chains`` chains of :meth:`to_arviz`-style export with :func:`to_datatree`).
+
+        :param num_samples: draws kept after warm-up, rounded up to a multiple of
+            ``num_chains``; every sweep of every chain is kept.
+        :param num_chains: chains run side by side (vectorized like particles).
+        :param warmup: sweeps discarded first, during which the Metropolis step sizes adapt.
+        :param num_particles: ``K``: the current locals of each individual plus ``K - 1``
+            draws of the guide, among which the local step keeps one.
+        :returns: a :class:`Posterior` whose draws are ``num_chains`` chains one after another
+            (``num_chains`` set), with ``diagnostics``: ``acceptance`` and ``step_size`` per
+            global and group site, ``local_move_rate`` (the share of individuals whose locals
+            changed per sweep). Its ``pareto_k``, ``ess`` and ``inner_bound`` describe the
+            weights of the local steps, the current particle included.
+        """
+        from pyro_hds.fit import _is_dataset
+        from pyro_hds.gibbs import particle_gibbs
+
+        data = self.data if data is None else data
+        if _is_dataset(data):
+            data = data.standalone()
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        parts, diagnostics = particle_gibbs(
+            self.model,
+            self.guide,
+            data,
+            num_samples=num_samples,
+            num_chains=num_chains,
+            warmup=warmup,
+            num_particles=num_particles,
+            progress=progress,
+            record=self._resample,
+        )
+        posterior = self._merge(parts, num_particles)
+        kept = len(parts)
+        # the parts are sweeps of all chains; order the draws chain after chain
+        order = torch.arange(kept * num_chains).reshape(kept, num_chains).T.reshape(-1)
+        posterior = posterior.select(order)
+        posterior.num_chains = num_chains
+        posterior.diagnostics = diagnostics
+        return posterior
 
     def posterior_samples(
         self, num_samples: int = 1000, num_particles: int | None = None, data: Any = None

@@ -249,8 +249,25 @@ def test_quick_run(numpyro_installed):
 
 
 def test_quick_run_with_ode_nuts_and_no_new_individuals(numpyro_installed):
-    out = _quick("--nuts-ode", "--new", "0", "--trace-every", "10", "--average-last", "0.5")
+    out = _quick(
+        "--nuts-ode",
+        "--new",
+        "0",
+        "--trace-every",
+        "10",
+        "--average-last",
+        "0.5",
+        "--final-lr-fraction",
+        "0.01",
+        "--gibbs",
+        "2",
+        "4",
+    )
+    # the draws by particle Gibbs: 20 draws, 2 chains, 4 warm-up sweeps, K = 4 (--quick)
+    assert "20 draws by particle Gibbs (2 chains, 4 warm-up sweeps, K = 4" in out
+    assert re.search(r"^  gibbs diagnostics: \{'acceptance': \{'ka_pop': ", out, flags=re.M)
     assert "centred model (RK4(substeps=4) ODE solve in jax)" in out
+    assert "lr 0.02 -> 0.0002," in out
     assert "parameters averaged over the last 0.5 of the steps" in out
     # the trace: a header naming the 9 population parameters, then steps 10 and 20 of 20
     header = re.findall(r"^  trace: step, loss, (.*)$", out, flags=re.M)

@@ -1,0 +1,304 @@
+r"""Exact posterior draws with the trained guide as the proposal: particle Gibbs.
+
+The importance-resampled draws of :meth:`FitResult.posterior` correct the local latents only;
+the globals stay draws of the guide :math:`q(\theta, \phi)`. When the guide's globals are off
+(with many individuals even a small bias in, say, the noise scale is many posterior standard
+deviations), :func:`particle_gibbs` gives draws from the exact posterior instead: a Markov
+chain whose stationary distribution is :math:`p(\theta, \phi, z \mid y)` whatever the guide,
+the guide only setting how fast it mixes.
+
+The state of each of :math:`C` chains is every latent outside the individuals plate
+(:math:`\theta`: globals and group latents, here called *outer* sites) and every individual's
+local latents :math:`z_i`. One sweep:
+
+1. **Outer sites**, one site :math:`b` at a time in model order: random-walk Metropolis in
+   unconstrained space. With :math:`\theta_b = T_b(u_b)` (``biject_to`` of the site's
+   support), propose :math:`u_b' = u_b + s_b \odot \varepsilon`, :math:`\varepsilon \sim
+   \mathcal N(0, I)`, and accept with probability
+
+   .. math::
+
+       \min\Big(1, \frac{p(\theta', z, y)\,|\det J_{T_b}(u_b')|}
+                        {p(\theta, z, y)\,|\det J_{T_b}(u_b)|}\Big),
+
+   where :math:`p(\theta, z, y)` is the model's joint density (one pass of the model with every
+   latent fixed: one ODE solve per individual and chain).
+2. **Locals**, all individuals at once: conditional importance sampling. For individual
+   :math:`i`, particle 0 is the current :math:`z_i` and particles :math:`1..K-1` are fresh
+   draws of the guide, :math:`z_{ik} \sim q(z_i \mid y_i)`; one of the :math:`K` is kept
+   with probability proportional to :math:`w_{ik} = p(y_i, z_{ik} \mid \theta) / q(z_{ik}
+   \mid y_i)`. This is the conditional SMC kernel of particle Gibbs (Andrieu, Doucet and
+   Holenstein, 2010) with a single time step; it leaves :math:`p(z_i \mid \theta, y_i)`
+   invariant for any proposal :math:`q`, and the closer :math:`q` is to that conditional the
+   more often the chain moves.
+
+Each step leaves the posterior invariant, so the sweep does. During ``warmup`` sweeps the
+step sizes adapt (Robbins-Monro on :math:`\log s_b` toward an acceptance rate of 0.35, from
+:math:`s_b = 2.38\, \mathrm{sd}_q(u_b) / \sqrt{d_b}`, the guide's spread over the site's
+:math:`d_b` dimensions); after it they stay fixed and ``num_samples`` draws are kept (an equal
+number per chain, every sweep). Chains start from draws of the guide, the locals from importance
+resampling.
+
+Cost per sweep: one pass with :math:`C K N` ODE solves for the locals and one pass with
+:math:`C N` per outer site. The chains are vectorized like the particles of :class:`IWAE`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import biject_to
+
+from pyro_hds.objectives import IWAE, LogWeights
+
+__all__ = ["particle_gibbs"]
+
+TARGET_ACCEPT = 0.35
+
+
+def _latent(site: dict) -> bool:
+    return (
+        site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["infer"].get("_deterministic")
+        and type(site["fn"]).__name__ != "_Subsample"
+    )
+
+
+def _is_local(site: dict) -> bool:
+    return any(f.name == "individuals" for f in site["cond_indep_stack"])
+
+
+class _Passes:
+    """Vectorized passes of guide and model over ``C`` chains with some latents fixed."""
+
+    def __init__(self, model, guide, data, chains: int) -> None:
+        self.model, self.guide, self.data, self.chains = model, guide, data, chains
+        self.nesting = IWAE(num_outer_particles=chains)._nesting(model, guide, (data,), {})
+        if self.nesting != 1:
+            raise ValueError(
+                "particle_gibbs(): supports models whose plates are 'individuals' and 'groups' "
+                f"at dim -1 only (max_plate_nesting 1); this model nests {self.nesting} plates"
+            )
+        self._objectives: dict[tuple[int, int], IWAE] = {}
+
+    def objective(self, k: int, chains: int | None = None) -> IWAE:
+        c = self.chains if chains is None else chains
+        if (k, c) not in self._objectives:
+            self._objectives[(k, c)] = IWAE(
+                num_particles=k, num_outer_particles=c, max_plate_nesting=self.nesting
+            )
+        return self._objectives[(k, c)]
+
+    def guide_trace(self, k: int, chains: int | None = None):
+        iw = self.objective(k, chains)
+        return poutine.trace(iw._wrap(self.guide, self.nesting)).get_trace(self.data)
+
+    def run(
+        self,
+        k: int,
+        outer: dict[str, torch.Tensor] | None,
+        local: dict[str, torch.Tensor] | None,
+    ) -> LogWeights:
+        """One pass with ``k`` particles per individual and chain. ``outer`` values (``(C, 1,
+        G or 1, *event)``) replace the guide's draws of those sites; ``local`` values
+        (``(C, 1, N, *event)``) replace particle 0 of those sites."""
+        iw = self.objective(k)
+        guide_trace = self.guide_trace(k)
+        for name, site in guide_trace.nodes.items():
+            if not _latent(site):
+                continue
+            if outer is not None and name in outer:
+                site["value"] = outer[name].expand_as(site["value"])
+            elif local is not None and name in local:
+                value = site["value"].clone()
+                value[:, :1] = local[name]
+                site["value"] = value
+        model_trace = poutine.trace(
+            poutine.replay(iw._wrap(self.model, self.nesting), trace=guide_trace)
+        ).get_trace(self.data)
+        weights = iw._weights(
+            prune_subsample_sites(model_trace),
+            prune_subsample_sites(guide_trace),
+            self.nesting,
+            (self.data,),
+        )
+        if not math.isclose(weights.scale, 1.0, rel_tol=1e-9):
+            raise ValueError(
+                "particle_gibbs(): the individuals plate scales the likelihood by "
+                f"{weights.scale:g}: the data set is a subset of a larger one. Pass the "
+                "individuals as a data set of their own (data.standalone())."
+            )
+        return weights
+
+
+def _log_joint(weights: LogWeights, chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """``(C,)`` log p(theta, z, y) of the model terms of a pass, at particle ``chosen``
+    ``(C, N)`` of every individual (particle 0 when None); ``-inf`` where an ODE solve
+    failed."""
+    total: torch.Tensor | None = None
+    local = weights.local
+    index = None if chosen is None else chosen[:, None, :]
+    for kind, _, term in weights.contributions:
+        if kind != "model":
+            continue
+        term = term.double()  # sums over many individuals: float32 would blur the MH ratio
+        if term.dim() == 3:
+            picked = term[:, :1] if index is None else term.gather(1, index)
+            term = picked.sum((1, 2))
+        total = term if total is None else total + term
+    assert total is not None
+    at = local[:, :1] if index is None else local.gather(1, index)
+    failed = torch.isneginf(at).any(-1).any(-1) | torch.isneginf(weights.global_terms)
+    return torch.where(failed, total.new_full((), -math.inf), total)
+
+
+def particle_gibbs(
+    model,
+    guide,
+    data: Any,
+    *,
+    num_samples: int = 1000,
+    num_chains: int = 4,
+    warmup: int = 200,
+    num_particles: int = 16,
+    progress: bool = False,
+    record: Callable[[LogWeights, torch.Tensor], Any] = lambda weights, chosen: chosen,
+) -> tuple[list[Any], dict[str, Any]]:
+    """Run the chains (see the module docstring). Returns ``record(weights, chosen)`` for
+    every kept sweep (``weights``: the pass of the local step, ``chosen``: ``(C, N)`` the
+    particle kept for each chain and individual), and the diagnostics: per outer site the
+    acceptance rate after warm-up and the final step sizes, and the share of individuals whose
+    locals moved per sweep after warm-up (``local_move_rate``).
+
+    Call it through :meth:`pyro_hds.FitResult.gibbs`, which turns the result into a
+    :class:`~pyro_hds.Posterior`.
+    """
+    if num_samples < 1 or num_chains < 1 or warmup < 0 or num_particles < 2:
+        raise ValueError(
+            "gibbs(): need num_samples >= 1, num_chains >= 1, warmup >= 0 and "
+            f"num_particles >= 2 (got {num_samples}, {num_chains}, {warmup}, {num_particles})"
+        )
+    passes = _Passes(model, guide, data, num_chains)
+    kept = -(-num_samples // num_chains)
+
+    with torch.no_grad():
+        # the guide's spread of each outer site in unconstrained space sets the first steps
+        spread_trace = passes.guide_trace(1, chains=256)
+        first = passes.run(num_particles, None, None)
+        model_sites = {
+            name: site for name, site in first.model_trace.nodes.items() if _latent(site)
+        }
+        outer_names = [name for name, site in model_sites.items() if not _is_local(site)]
+        local_names = [name for name, site in model_sites.items() if _is_local(site)]
+        transforms = {name: biject_to(model_sites[name]["fn"].support) for name in outer_names}
+        log_step: dict[str, torch.Tensor] = {}
+        for name in outer_names:
+            u = transforms[name].inv(spread_trace.nodes[name]["value"].double())
+            sd = u.std(0, keepdim=True).clamp(min=1e-6)
+            dim = max(1, int(sd.numel()))
+            log_step[name] = (sd * 2.38 / math.sqrt(dim)).log()
+        outer = {
+            name: first.guide_trace.nodes[name]["value"][:, :1].clone() for name in outer_names
+        }
+        # start the locals by importance resampling among the first pass's particles
+        lw = first.local
+        if bool(torch.isneginf(lw).all(1).any()):
+            raise ValueError(
+                "gibbs(): every particle of some individual failed in the first pass; "
+                "use more num_particles or check the guide"
+            )
+        chosen = _choose(lw)
+        local = {
+            name: _pick(first.guide_trace.nodes[name]["value"], chosen) for name in local_names
+        }
+        current = _log_joint(passes.run(1, outer, local))
+
+        accepted = {name: 0.0 for name in outer_names}
+        moved = 0.0
+        records: list[Any] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=warmup + kept, desc="gibbs", dynamic_ncols=True)
+        try:
+            for sweep in range(warmup + kept):
+                for name in outer_names:
+                    value = outer[name]
+                    transform = transforms[name]
+                    u = transform.inv(value.double())
+                    u_new = u + log_step[name].exp() * torch.randn_like(u)
+                    proposal = transform(u_new).to(value.dtype)
+                    trial = dict(outer)
+                    trial[name] = proposal
+                    candidate = _log_joint(passes.run(1, trial, local))
+                    log_alpha = (
+                        candidate
+                        - current
+                        + _ladj(transform, u_new, proposal)
+                        - _ladj(transform, u, value)
+                    )
+                    log_alpha = torch.nan_to_num(log_alpha, nan=-math.inf)
+                    accept = torch.rand_like(log_alpha).log() < log_alpha
+                    shape = (-1,) + (1,) * (value.dim() - 1)
+                    outer[name] = torch.where(accept.reshape(shape), proposal, value)
+                    current = torch.where(accept, candidate, current)
+                    rate = float(accept.double().mean())
+                    if sweep < warmup:
+                        gain = 1.0 / math.sqrt(sweep + 1.0)
+                        log_step[name] = log_step[name] + gain * (rate - TARGET_ACCEPT)
+                    else:
+                        accepted[name] += rate
+                weights = passes.run(num_particles, outer, local)
+                chosen = _choose(weights.local)
+                local = {
+                    name: _pick(weights.guide_trace.nodes[name]["value"], chosen)
+                    for name in local_names
+                }
+                current = _log_joint(weights, chosen)
+                if sweep >= warmup:
+                    moved += float((chosen != 0).double().mean())
+                    records.append(record(weights, chosen))
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+    diagnostics = {
+        "acceptance": {name: accepted[name] / kept for name in outer_names},
+        "step_size": {name: log_step[name].exp().reshape(-1).tolist() for name in outer_names},
+        "local_move_rate": moved / kept,
+        "num_chains": num_chains,
+        "warmup": warmup,
+        "num_particles": num_particles,
+    }
+    return records, diagnostics
+
+
+def _choose(log_weights: torch.Tensor) -> torch.Tensor:
+    """``(C, N)`` index of one particle per chain and individual, drawn with probability
+    proportional to the weights ``(C, K, N)``."""
+    c, k, n = log_weights.shape
+    probs = torch.softmax(log_weights.double(), dim=1).permute(0, 2, 1).reshape(c * n, k)
+    return torch.multinomial(probs, 1).reshape(c, n)
+
+
+def _pick(value: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The chosen particle ``(C, 1, N, *event)`` of a local site's value ``(C, K, N, *event)``."""
+    c, n = chosen.shape
+    event = value.shape[3:]
+    index = chosen.reshape(c, 1, n, *([1] * len(event))).expand(c, 1, n, *event)
+    return value.gather(1, index)
+
+
+def _ladj(transform, u: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``(C,)`` log |det J| of ``transform`` at ``u``, summed over all but the chain dim."""
+    ladj = transform.log_abs_det_jacobian(u, value.double())
+    ladj = ladj.expand(u.shape) if ladj.shape != u.shape else ladj
+    return ladj.reshape(ladj.shape[0], -1).sum(-1)
