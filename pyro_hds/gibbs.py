@@ -23,24 +23,32 @@ local latents :math:`z_i`. One sweep:
 
    where :math:`p(\theta, z, y)` is the model's joint density (one pass of the model with every
    latent fixed: one ODE solve per individual and chain).
-2. **Locals**, all individuals at once: conditional importance sampling. For individual
+2. **Locals, random walk** (``local_steps`` times), all individuals at once: given the outer
+   sites the target factorizes over individuals, so every individual's proposal
+   :math:`u_i' = u_i + a\, \mathrm{sd}_q(u_i) \odot \varepsilon` (all its local sites
+   together, scaled by the guide's spread for that individual) is accepted or rejected on its
+   own, with the ratio of :math:`p(y_i, z_i \mid \theta)` and the Jacobians.
+3. **Locals, conditional importance sampling**, all individuals at once. For individual
    :math:`i`, particle 0 is the current :math:`z_i` and particles :math:`1..K-1` are fresh
    draws of the guide, :math:`z_{ik} \sim q(z_i \mid y_i)`; one of the :math:`K` is kept
    with probability proportional to :math:`w_{ik} = p(y_i, z_{ik} \mid \theta) / q(z_{ik}
    \mid y_i)`. This is the conditional SMC kernel of particle Gibbs (Andrieu, Doucet and
    Holenstein, 2010) with a single time step; it leaves :math:`p(z_i \mid \theta, y_i)`
    invariant for any proposal :math:`q`, and the closer :math:`q` is to that conditional the
-   more often the chain moves.
+   more often the chain moves. The random walk of step 2 keeps the locals moving where the
+   guide's draws rarely win (a mean-field guide against correlated locals, say).
 
 Each step leaves the posterior invariant, so the sweep does. During ``warmup`` sweeps the
-step sizes adapt (Robbins-Monro on :math:`\log s_b` toward an acceptance rate of 0.35, from
-:math:`s_b = 2.38\, \mathrm{sd}_q(u_b) / \sqrt{d_b}`, the guide's spread over the site's
-:math:`d_b` dimensions); after it they stay fixed and ``num_samples`` draws are kept (an equal
-number per chain, every sweep). Chains start from draws of the guide, the locals from importance
-resampling.
+step sizes adapt (Robbins-Monro on :math:`\log s_b` and :math:`\log a` toward an acceptance
+rate of 0.35, from :math:`s_b = 2.38\, \mathrm{sd}_q(u_b) / \sqrt{d_b}`, the guide's spread
+over the site's :math:`d_b` dimensions, and :math:`a = 2.38 / \sqrt{d}` for :math:`d` local
+dimensions per individual); after it they stay fixed and ``num_samples`` draws are kept (an
+equal number per chain, every sweep). Chains start from draws of the guide, the locals from
+importance resampling.
 
-Cost per sweep: one pass with :math:`C K N` ODE solves for the locals and one pass with
-:math:`C N` per outer site. The chains are vectorized like the particles of :class:`IWAE`.
+Cost per sweep: one pass with :math:`C K N` ODE solves for the importance step and one pass
+with :math:`C N` per outer site and per local random-walk step. The chains are vectorized like
+the particles of :class:`IWAE`.
 """
 
 from __future__ import annotations
@@ -137,25 +145,34 @@ class _Passes:
         return weights
 
 
-def _log_joint(weights: LogWeights, chosen: torch.Tensor | None = None) -> torch.Tensor:
-    """``(C,)`` log p(theta, z, y) of the model terms of a pass, at particle ``chosen``
-    ``(C, N)`` of every individual (particle 0 when None); ``-inf`` where an ODE solve
-    failed."""
-    total: torch.Tensor | None = None
-    local = weights.local
+def _model_terms(
+    weights: LogWeights, chosen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's log-density terms of a pass at particle ``chosen`` ``(C, N)`` of every
+    individual (particle 0 when None), in float64: ``(C,)`` the terms outside the individuals
+    plate and ``(C, N)`` each individual's log p(y_i, z_i | theta). A failed ODE solve makes
+    its individual's term ``-inf`` (a failure outside the plate, its chain's)."""
+    outer: torch.Tensor | None = None
+    local: torch.Tensor | None = None
     index = None if chosen is None else chosen[:, None, :]
     for kind, _, term in weights.contributions:
         if kind != "model":
             continue
         term = term.double()  # sums over many individuals: float32 would blur the MH ratio
         if term.dim() == 3:
-            picked = term[:, :1] if index is None else term.gather(1, index)
-            term = picked.sum((1, 2))
-        total = term if total is None else total + term
-    assert total is not None
-    at = local[:, :1] if index is None else local.gather(1, index)
-    failed = torch.isneginf(at).any(-1).any(-1) | torch.isneginf(weights.global_terms)
-    return torch.where(failed, total.new_full((), -math.inf), total)
+            picked = (term[:, :1] if index is None else term.gather(1, index))[:, 0]
+            local = picked if local is None else local + picked
+        else:
+            outer = term if outer is None else outer + term
+    at = (weights.local[:, :1] if index is None else weights.local.gather(1, index))[:, 0]
+    if outer is None:
+        outer = torch.zeros(at.shape[0], dtype=torch.float64, device=at.device)
+    if local is None:
+        local = torch.zeros(at.shape, dtype=torch.float64, device=at.device)
+    local = torch.where(torch.isneginf(at), local.new_full((), -math.inf), local)
+    failed = torch.isneginf(weights.global_terms)
+    outer = torch.where(failed, outer.new_full((), -math.inf), outer)
+    return outer, local
 
 
 def particle_gibbs(
@@ -167,6 +184,7 @@ def particle_gibbs(
     num_chains: int = 4,
     warmup: int = 200,
     num_particles: int = 16,
+    local_steps: int = 1,
     progress: bool = False,
     record: Callable[[LogWeights, torch.Tensor], Any] = lambda weights, chosen: chosen,
 ) -> tuple[list[Any], dict[str, Any]]:
@@ -179,16 +197,17 @@ def particle_gibbs(
     Call it through :meth:`pyro_hds.FitResult.gibbs`, which turns the result into a
     :class:`~pyro_hds.Posterior`.
     """
-    if num_samples < 1 or num_chains < 1 or warmup < 0 or num_particles < 2:
+    if min(num_samples, num_chains, num_particles - 1) < 1 or min(warmup, local_steps) < 0:
         raise ValueError(
-            "gibbs(): need num_samples >= 1, num_chains >= 1, warmup >= 0 and "
-            f"num_particles >= 2 (got {num_samples}, {num_chains}, {warmup}, {num_particles})"
+            "gibbs(): need num_samples >= 1, num_chains >= 1, warmup >= 0, num_particles >= 2 "
+            f"and local_steps >= 0 (got {num_samples}, {num_chains}, {warmup}, "
+            f"{num_particles}, {local_steps})"
         )
     passes = _Passes(model, guide, data, num_chains)
     kept = -(-num_samples // num_chains)
 
     with torch.no_grad():
-        # the guide's spread of each outer site in unconstrained space sets the first steps
+        # the guide's spread of each site in unconstrained space sets the first step sizes
         spread_trace = passes.guide_trace(1, chains=256)
         first = passes.run(num_particles, None, None)
         model_sites = {
@@ -196,31 +215,38 @@ def particle_gibbs(
         }
         outer_names = [name for name, site in model_sites.items() if not _is_local(site)]
         local_names = [name for name, site in model_sites.items() if _is_local(site)]
-        transforms = {name: biject_to(model_sites[name]["fn"].support) for name in outer_names}
-        log_step: dict[str, torch.Tensor] = {}
-        for name in outer_names:
-            u = transforms[name].inv(spread_trace.nodes[name]["value"].double())
-            sd = u.std(0, keepdim=True).clamp(min=1e-6)
-            dim = max(1, int(sd.numel()))
-            log_step[name] = (sd * 2.38 / math.sqrt(dim)).log()
+        transforms = {name: biject_to(site["fn"].support) for name, site in model_sites.items()}
+        spread = {
+            name: transforms[name]
+            .inv(spread_trace.nodes[name]["value"].double())
+            .std(0, keepdim=True)
+            .clamp(min=1e-6)
+            for name in model_sites
+        }
+        log_step: dict[str, torch.Tensor] = {
+            name: (spread[name] * 2.38 / math.sqrt(max(1, spread[name].numel()))).log()
+            for name in outer_names
+        }
+        # the local random walk: the guide's spread of each individual times one factor
+        local_dim = sum(max(1, math.prod(spread[n].shape[3:])) for n in local_names)
+        log_local_step = math.log(2.38 / math.sqrt(max(1, local_dim)))
         outer = {
             name: first.guide_trace.nodes[name]["value"][:, :1].clone() for name in outer_names
         }
         # start the locals by importance resampling among the first pass's particles
-        lw = first.local
-        if bool(torch.isneginf(lw).all(1).any()):
+        if bool(torch.isneginf(first.local).all(1).any()):
             raise ValueError(
                 "gibbs(): every particle of some individual failed in the first pass; "
                 "use more num_particles or check the guide"
             )
-        chosen = _choose(lw)
+        chosen = _choose(first.local)
         local = {
             name: _pick(first.guide_trace.nodes[name]["value"], chosen) for name in local_names
         }
-        current = _log_joint(passes.run(1, outer, local))
+        outer_lp, local_lp = _model_terms(passes.run(1, outer, local))
 
         accepted = {name: 0.0 for name in outer_names}
-        moved = 0.0
+        local_accepted = moved = 0.0
         records: list[Any] = []
         bar = None
         if progress:
@@ -229,39 +255,63 @@ def particle_gibbs(
             bar = tqdm(total=warmup + kept, desc="gibbs", dynamic_ncols=True)
         try:
             for sweep in range(warmup + kept):
+                gain = 1.0 / math.sqrt(sweep + 1.0)
+                # 1. the globals and group latents, one site at a time
                 for name in outer_names:
                     value = outer[name]
-                    transform = transforms[name]
-                    u = transform.inv(value.double())
-                    u_new = u + log_step[name].exp() * torch.randn_like(u)
-                    proposal = transform(u_new).to(value.dtype)
-                    trial = dict(outer)
-                    trial[name] = proposal
-                    candidate = _log_joint(passes.run(1, trial, local))
-                    log_alpha = (
-                        candidate
-                        - current
-                        + _ladj(transform, u_new, proposal)
-                        - _ladj(transform, u, value)
+                    u, proposal, u_new = _propose(transforms[name], value, log_step[name].exp())
+                    new_outer, new_local = _model_terms(
+                        passes.run(1, {**outer, name: proposal}, local)
                     )
-                    log_alpha = torch.nan_to_num(log_alpha, nan=-math.inf)
-                    accept = torch.rand_like(log_alpha).log() < log_alpha
-                    shape = (-1,) + (1,) * (value.dim() - 1)
-                    outer[name] = torch.where(accept.reshape(shape), proposal, value)
-                    current = torch.where(accept, candidate, current)
+                    log_alpha = (
+                        new_outer
+                        + new_local.sum(-1)
+                        - outer_lp
+                        - local_lp.sum(-1)
+                        + _ladj(transforms[name], u_new, proposal).sum(-1)
+                        - _ladj(transforms[name], u, value).sum(-1)
+                    )
+                    accept = _accept(log_alpha)
+                    outer[name] = _where(accept, proposal, value)
+                    outer_lp = torch.where(accept, new_outer, outer_lp)
+                    local_lp = torch.where(accept[:, None], new_local, local_lp)
                     rate = float(accept.double().mean())
                     if sweep < warmup:
-                        gain = 1.0 / math.sqrt(sweep + 1.0)
                         log_step[name] = log_step[name] + gain * (rate - TARGET_ACCEPT)
                     else:
                         accepted[name] += rate
+                # 2. the locals by a random walk, every individual at once: given the globals
+                # the target factorizes over individuals, so each is accepted on its own
+                for _ in range(local_steps):
+                    step = math.exp(log_local_step)
+                    proposals: dict[str, torch.Tensor] = {}
+                    log_jac = torch.zeros_like(local_lp)
+                    for name in local_names:
+                        u, proposal, u_new = _propose(
+                            transforms[name], local[name], step * spread[name]
+                        )
+                        proposals[name] = proposal
+                        log_jac += _ladj(transforms[name], u_new, proposal)
+                        log_jac -= _ladj(transforms[name], u, local[name])
+                    _, new_local = _model_terms(passes.run(1, outer, proposals))
+                    accept = _accept(new_local - local_lp + log_jac)  # (C, N)
+                    for name in local_names:
+                        local[name] = _where(accept, proposals[name], local[name])
+                    local_lp = torch.where(accept, new_local, local_lp)
+                    rate = float(accept.double().mean())
+                    if sweep < warmup:
+                        log_local_step += gain * (rate - TARGET_ACCEPT)
+                    else:
+                        local_accepted += rate / local_steps
+                # 3. the locals by conditional importance sampling among the current ones and
+                # K - 1 draws of the guide
                 weights = passes.run(num_particles, outer, local)
                 chosen = _choose(weights.local)
                 local = {
                     name: _pick(weights.guide_trace.nodes[name]["value"], chosen)
                     for name in local_names
                 }
-                current = _log_joint(weights, chosen)
+                outer_lp, local_lp = _model_terms(weights, chosen)
                 if sweep >= warmup:
                     moved += float((chosen != 0).double().mean())
                     records.append(record(weights, chosen))
@@ -273,10 +323,13 @@ def particle_gibbs(
     diagnostics = {
         "acceptance": {name: accepted[name] / kept for name in outer_names},
         "step_size": {name: log_step[name].exp().reshape(-1).tolist() for name in outer_names},
+        "local_acceptance": local_accepted / kept if local_steps else None,
+        "local_step_factor": math.exp(log_local_step),
         "local_move_rate": moved / kept,
         "num_chains": num_chains,
         "warmup": warmup,
         "num_particles": num_particles,
+        "local_steps": local_steps,
     }
     return records, diagnostics
 
@@ -297,8 +350,30 @@ def _pick(value: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return value.gather(1, index)
 
 
+def _propose(transform, value: torch.Tensor, step: torch.Tensor | float):
+    """A Gaussian random-walk proposal in unconstrained space: ``(u, proposal, u_new)``."""
+    u = transform.inv(value.double())
+    u_new = u + step * torch.randn_like(u)
+    return u, transform(u_new).to(value.dtype), u_new
+
+
+def _accept(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Metropolis acceptance, elementwise (NaN rejects)."""
+    log_alpha = torch.nan_to_num(log_alpha, nan=-math.inf)
+    return torch.rand_like(log_alpha).log() < log_alpha
+
+
+def _where(accept: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``accept`` (``(C,)`` per chain or ``(C, N)`` per individual), else
+    ``old``; values are ``(C, 1, G or N, *event)``."""
+    if accept.dim() == 2:
+        accept = accept[:, None]
+    return torch.where(accept.reshape(*accept.shape, *([1] * (new.dim() - accept.dim()))), new, old)
+
+
 def _ladj(transform, u: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``(C,)`` log |det J| of ``transform`` at ``u``, summed over all but the chain dim."""
+    """``(C, G or N)``: log |det J| of ``transform`` at ``u`` for a site's values ``(C, 1, G or
+    N, *event)``, summed over the event dims."""
     ladj = transform.log_abs_det_jacobian(u, value.double())
     ladj = ladj.expand(u.shape) if ladj.shape != u.shape else ladj
-    return ladj.reshape(ladj.shape[0], -1).sum(-1)
+    return ladj.reshape(ladj.shape[0], ladj.shape[2], -1).sum(-1)

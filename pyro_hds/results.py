@@ -363,6 +363,7 @@ class FitResult:
         num_chains: int = 4,
         warmup: int = 200,
         num_particles: int = 16,
+        local_steps: int = 1,
         seed: int | None = None,
         progress: bool = True,
     ) -> Posterior:
@@ -380,12 +381,16 @@ class FitResult:
         :param num_chains: chains run side by side (vectorized like particles).
         :param warmup: sweeps discarded first, during which the Metropolis step sizes adapt.
         :param num_particles: ``K``: the current locals of each individual plus ``K - 1``
-            draws of the guide, among which the local step keeps one.
+            draws of the guide, among which the importance step keeps one.
+        :param local_steps: random-walk Metropolis steps on every individual's locals per
+            sweep (0: the importance step alone).
         :returns: a :class:`Posterior` whose draws are ``num_chains`` chains one after another
             (``num_chains`` set), with ``diagnostics``: ``acceptance`` and ``step_size`` per
-            global and group site, ``local_move_rate`` (the share of individuals whose locals
-            changed per sweep). Its ``pareto_k``, ``ess`` and ``inner_bound`` describe the
-            weights of the local steps, the current particle included.
+            global and group site, ``local_acceptance`` and ``local_step_factor`` of the
+            locals' random walk, ``local_move_rate`` (the share of individuals whose locals
+            the importance step changed per sweep). Its ``pareto_k``, ``ess`` and
+            ``inner_bound`` describe the weights of the importance steps, the current particle
+            included.
         """
         from pyro_hds.fit import _is_dataset
         from pyro_hds.gibbs import particle_gibbs
@@ -403,6 +408,7 @@ class FitResult:
             num_chains=num_chains,
             warmup=warmup,
             num_particles=num_particles,
+            local_steps=local_steps,
             progress=progress,
             record=self._resample,
         )

@@ -54,12 +54,19 @@ def biased():
     return data, mean, sd, FitResult(model, make_rough_guide(theta), data)
 
 
-def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased):
+@pytest.mark.parametrize("local_steps", [1, 0])
+def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased, local_steps):
     import arviz_stats
 
     _, mean, sd, result = biased
     post = result.gibbs(
-        num_samples=8000, num_chains=8, warmup=200, num_particles=8, seed=0, progress=False
+        num_samples=8000,
+        num_chains=8,
+        warmup=200,
+        num_particles=8,
+        local_steps=local_steps,
+        seed=0,
+        progress=False,
     )
     assert post.num_chains == 8 and post.samples["mu"].shape == (8000,)
     draws = torch.cat(
@@ -84,6 +91,8 @@ def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased):
     assert set(diag["acceptance"]) == {"mu", "g"}
     assert all(0.1 < a < 0.7 for a in diag["acceptance"].values()), diag
     assert 0.3 < diag["local_move_rate"] <= 1.0, diag
+    if local_steps:
+        assert 0.1 < diag["local_acceptance"] < 0.7, diag
 
 
 def test_gibbs_options_and_errors(biased):
@@ -95,6 +104,9 @@ def test_gibbs_options_and_errors(biased):
     assert post.samples["z"].shape == (12, N)
     assert post.log_likelihood["y"].shape == (12, N)
     assert post.diagnostics["num_chains"] == 4
+    # the importance step alone (no random walk on the locals) is a valid sampler too
+    alone = result.gibbs(num_samples=4, num_chains=2, warmup=1, local_steps=0, progress=False)
+    assert alone.diagnostics["local_acceptance"] is None and alone.samples["z"].shape == (4, N)
     with pytest.raises(ValueError, match="num_particles >= 2"):
         result.gibbs(num_samples=4, num_particles=1)
     with pytest.raises(ValueError, match="num_chains >= 1"):
