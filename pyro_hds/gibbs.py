@@ -94,6 +94,8 @@ class _Passes:
                 f"at dim -1 only (max_plate_nesting 1); this model nests {self.nesting} plates"
             )
         self._objectives: dict[tuple[int, int], IWAE] = {}
+        self._template: Any = None
+        self._template_sites: set[str] = set()
 
     def objective(self, k: int, chains: int | None = None) -> IWAE:
         c = self.chains if chains is None else chains
@@ -117,7 +119,16 @@ class _Passes:
         G or 1, *event)``) replace the guide's draws of those sites; ``local`` values
         (``(C, 1, N, *event)``) replace particle 0 of those sites."""
         iw = self.objective(k)
-        guide_trace = self.guide_trace(k)
+        given = set(outer or ()) | set(local or ())
+        if k == 1 and self._template is not None and given >= self._template_sites:
+            # every latent is given: the guide's draws would all be replaced, so reuse the
+            # trace of an earlier pass (its encoder need not run again)
+            guide_trace = self._template
+        else:
+            guide_trace = self.guide_trace(k)
+            if k == 1 and self._template is None:
+                self._template = guide_trace
+                self._template_sites = {n for n, st in guide_trace.nodes.items() if _latent(st)}
         for name, site in guide_trace.nodes.items():
             if not _latent(site):
                 continue

@@ -32,3 +32,12 @@ def test_demo_runs_and_writes_outputs(tmp_path, capsys):
     tree = xr.open_datatree(tmp_path / "pk_posterior.nc")
     assert "posterior" in tree.children and "log_likelihood" in tree.children
     assert set(out["coverage"]) == {"ka", "cl", "v"}
+
+
+def test_demo_with_particle_gibbs(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--steps", "10", "--particles", "4", "--per-group", "4"]
+    demo.main([*args, "--batch-size", "6", "--samples", "8", "--gibbs", "2", "3", "--no-progress"])
+    text = capsys.readouterr().out
+    assert "particle Gibbs: 2 chains, acceptance rates ka_pop" in text
+    tree = xr.open_datatree(tmp_path / "pk_posterior.nc")
+    assert tree["posterior"].sizes["chain"] == 2 and tree["posterior"].sizes["draw"] == 4
