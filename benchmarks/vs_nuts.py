@@ -486,7 +486,7 @@ def run_pyro_hds(
                 seed=seed,
                 progress=False,
             )
-            print(f"  gibbs diagnostics: {posterior.diagnostics}", flush=True)
+            report_chains(posterior)
         return result, posterior, time.perf_counter() - fitted
 
     (result, posterior, draw_seconds), wall, cpu = timed(go)
@@ -495,6 +495,33 @@ def run_pyro_hds(
         print(f"  (tracing took {traced[0]:.1f} s, left out of the times)", flush=True)
     extra = {"draw_seconds": draw_seconds, "fit_seconds": wall - draw_seconds}
     return Run(wall, cpu, draws_of(posterior), extra), result
+
+
+def report_chains(posterior) -> None:
+    """Print the acceptance rates of :meth:`FitResult.gibbs` and the smallest bulk ESS and
+    largest split R-hat of its chains over the population parameters."""
+    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+
+    diag = posterior.diagnostics
+    rates = ", ".join(f"{k} {v:.2f}" for k, v in diag["acceptance"].items())
+    chains = posterior.num_chains
+    pop = [
+        posterior.samples[k]
+        .double()
+        .cpu()
+        .numpy()
+        .reshape(chains, -1, *posterior.samples[k].shape[1:])
+        for k in (*GLOBALS, "cl_group")
+    ]
+    ess = min(float(np.min(effective_sample_size(x))) for x in pop)
+    rhat = max(float(np.max(split_gelman_rubin(x))) for x in pop)
+    print(
+        f"  gibbs: acceptance {rates}; locals: random walk {diag['local_acceptance']:.2f}, "
+        f"importance step moved {diag['local_move_rate']:.2f} per sweep; population "
+        f"parameters: min bulk ESS {ess:.0f} of {posterior.samples['sigma'].shape[0]}, "
+        f"max split R-hat {rhat:.3f} ({chains} chains)",
+        flush=True,
+    )
 
 
 def run_predict(result, new_data: Dataset, draws: int, particles: int, seed: int) -> Run:

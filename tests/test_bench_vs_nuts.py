@@ -265,7 +265,14 @@ def test_quick_run_with_ode_nuts_and_no_new_individuals(numpyro_installed):
     )
     # the draws by particle Gibbs: 20 draws, 2 chains, 4 warm-up sweeps, K = 4 (--quick)
     assert "20 draws by particle Gibbs (2 chains, 4 warm-up sweeps, K = 4" in out
-    assert re.search(r"^  gibbs diagnostics: \{'acceptance': \{'ka_pop': ", out, flags=re.M)
+    chains = re.search(
+        r"^  gibbs: acceptance ka_pop \S+, .*min bulk ESS (\d+) of 20, max split R-hat (\S+) "
+        r"\(2 chains\)$",
+        out,
+        flags=re.M,
+    )
+    assert chains is not None, out
+    assert int(chains.group(1)) > 0 and math.isfinite(float(chains.group(2)))
     assert "centred model (RK4(substeps=4) ODE solve in jax)" in out
     assert "lr 0.02 -> 0.0002," in out
     assert "parameters averaged over the last 0.5 of the steps" in out
