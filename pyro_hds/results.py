@@ -371,10 +371,10 @@ class FitResult:
         particle Gibbs with the trained guide as the proposal (:mod:`pyro_hds.gibbs`).
 
         Unlike :meth:`posterior`, whose globals are draws of the guide, every site is
-        corrected: the chains target :math:`p(	heta, \phi, z \mid y)` whatever the guide's
+        corrected: the chains target :math:`p(\theta, \phi, z \mid y)` whatever the guide's
         errors. Use it when the globals matter and the guide may be biased (many individuals,
-        a short fit); check ``diagnostics`` and the chains (ArviZ's R-hat and ESS over the
-        ``num_chains`` chains of :meth:`to_arviz`-style export with :func:`to_datatree`).
+        a short fit). Check ``diagnostics`` and the chains: ``pyro_hds.to_datatree(draws,
+        data)`` hands ArviZ the ``num_chains`` chains, for its R-hat and ESS.
 
         :param num_samples: draws kept after warm-up, rounded up to a multiple of
             ``num_chains``; every sweep of every chain is kept.
