@@ -62,7 +62,8 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import biject_to
 
-from pyro_hds.objectives import IWAE, LogWeights
+from pyro_hds.objectives import IWAE, LogWeights, _local_frame
+from pyro_hds.results import _choose
 
 __all__ = ["particle_gibbs"]
 
@@ -76,10 +77,6 @@ def _latent(site: dict) -> bool:
         and not site["infer"].get("_deterministic")
         and type(site["fn"]).__name__ != "_Subsample"
     )
-
-
-def _is_local(site: dict) -> bool:
-    return any(f.name == "individuals" for f in site["cond_indep_stack"])
 
 
 class _Passes:
@@ -224,8 +221,8 @@ def particle_gibbs(
         model_sites = {
             name: site for name, site in first.model_trace.nodes.items() if _latent(site)
         }
-        outer_names = [name for name, site in model_sites.items() if not _is_local(site)]
-        local_names = [name for name, site in model_sites.items() if _is_local(site)]
+        outer_names = [name for name, site in model_sites.items() if _local_frame(site) is None]
+        local_names = [name for name, site in model_sites.items() if _local_frame(site) is not None]
         transforms = {name: biject_to(site["fn"].support) for name, site in model_sites.items()}
         spread = {
             name: transforms[name]
@@ -343,14 +340,6 @@ def particle_gibbs(
         "local_steps": local_steps,
     }
     return records, diagnostics
-
-
-def _choose(log_weights: torch.Tensor) -> torch.Tensor:
-    """``(C, N)`` index of one particle per chain and individual, drawn with probability
-    proportional to the weights ``(C, K, N)``."""
-    c, k, n = log_weights.shape
-    probs = torch.softmax(log_weights.double(), dim=1).permute(0, 2, 1).reshape(c * n, k)
-    return torch.multinomial(probs, 1).reshape(c, n)
 
 
 def _pick(value: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

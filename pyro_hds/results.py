@@ -157,6 +157,14 @@ def _ess(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.exp(2 * torch.logsumexp(lw, 1) - torch.logsumexp(2 * lw, 1))
 
 
+def _choose(log_weights: torch.Tensor) -> torch.Tensor:
+    """``(S, N)``: one particle per outer draw and individual, drawn with probability
+    proportional to its weight among the ``K`` of ``log_weights`` ``(S, K, N)``."""
+    s, k, n = log_weights.shape
+    probs = torch.softmax(log_weights.double(), dim=1).permute(0, 2, 1).reshape(s * n, k)
+    return torch.multinomial(probs, 1).reshape(s, n)
+
+
 def _own_parameters(method):
     """Run a :class:`FitResult` method inside :meth:`FitResult.parameters`."""
 
@@ -274,8 +282,7 @@ class FitResult:
         lw = weights.local  # (S, K, N)
         s, k, n = lw.shape
         if chosen is None:
-            probs = torch.softmax(lw.double(), dim=1).permute(0, 2, 1).reshape(s * n, k)
-            chosen = torch.multinomial(probs, 1).reshape(s, n)  # (S, N)
+            chosen = _choose(lw)  # (S, N)
         samples: dict[str, torch.Tensor] = {}
         predictive: dict[str, torch.Tensor] = {}
         loglik: dict[str, torch.Tensor] = {}
