@@ -31,8 +31,10 @@ Failure is per element: see :class:`~pyro_hds.Solution` and the ``ode_status`` t
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pyro
@@ -158,14 +160,25 @@ def solve(
     t0_tensor = None if t0 is None else torch.as_tensor(t0, dtype=dtype, device=y0.device)
     if t0_tensor is not None and t0_tensor.dim() > 0:
         per_element_grid = True
+    # the grid (observation times, doses, breakpoints, t0) is merged once per distinct grid
+    # batch element, then broadcast over the particle and individual dims it lacks
+    grid_batch = torch.Size()
     if per_element_grid:
-        tf = times.expand(*batch, t_len).reshape(b, t_len)
+        grid_shapes = [times.shape[:-1]]
+        if doses is not None:
+            grid_shapes.append(doses.times.shape[:-1])
+        if isinstance(inputs, PiecewiseConstant):
+            grid_shapes.append(inputs.batch_shape)
+        if t0_tensor is not None and t0_tensor.dim() > 0:
+            grid_shapes.append(t0_tensor.shape)
+        grid_batch = torch.broadcast_shapes(*grid_shapes)
+        tf = times.expand(*grid_batch, t_len).reshape(-1, t_len)
     else:
         tf = times.reshape(1, t_len)
     diffs = tf[:, 1:] - tf[:, :-1]
     if bool((diffs < 0).any()):
         i, j = (int(v) for v in (diffs < 0).nonzero()[0])
-        where = f"element {_unravel(i, batch)}" if tf.shape[0] > 1 else "the shared grid"
+        where = f"element {_unravel(i, grid_batch)}" if tf.shape[0] > 1 else "the shared grid"
         raise ValueError(
             f"ode({name!r}): times are not sorted for {where}: {float(tf[i, j + 1])} after "
             f"{float(tf[i, j])} (index {j + 1}); sort them"
@@ -175,7 +188,7 @@ def solve(
     if t0_tensor is None:
         t0f = tf[:, 0]
     else:
-        t0f = t0_tensor.expand(batch).reshape(b) if per_element_grid else t0_tensor.reshape(1)
+        t0f = t0_tensor.expand(grid_batch).reshape(-1) if per_element_grid else t0_tensor.reshape(1)
         early = tf[:, 0] < t0f
         if bool(early.any()):
             i = int(early.nonzero()[0])
@@ -192,7 +205,7 @@ def solve(
             flat_inputs.breakpoints.to(device=y0.device, dtype=dtype),
             flat_inputs.values.to(device=y0.device, dtype=dtype),
         )
-        breakpoints = flat_inputs.breakpoints
+        breakpoints = inputs.flat(grid_batch).breakpoints.to(device=y0.device, dtype=dtype)
     elif inputs is not None:
         if not callable(inputs):
             raise ValueError(
@@ -211,16 +224,21 @@ def solve(
             u = u.expand(*batch, u.shape[-1]).reshape(b, -1)
             return u if idx is None else u.index_select(0, idx)
 
+    def per_grid(x: torch.Tensor) -> torch.Tensor:
+        return x.expand(*grid_batch, x.shape[-1]).reshape(-1, x.shape[-1])
+
     sched = build_schedule(
         tf,
         t0f,
-        None if doses is None else doses.times.to(dtype).expand(*batch, -1).reshape(b, -1),
-        None if doses is None else doses.amounts.to(dtype).expand(*batch, -1).reshape(b, -1),
-        None if doses is None else doses.targets.expand(*batch, -1).reshape(b, -1).long(),
+        None if doses is None else per_grid(doses.times.to(dtype)),
+        None if doses is None else per_grid(doses.amounts.to(dtype)),
+        None if doses is None else per_grid(doses.targets).long(),
         breakpoints,
         num_states=s,
         name=name,
     )
+    if per_element_grid:
+        sched = sched.expand(grid_batch, batch)
 
     checked = [False]
     piecewise = isinstance(flat_inputs, PiecewiseConstant)
@@ -343,6 +361,57 @@ def _adjoint(solver, f, y0f, tf, t0f, pf, per_element_grid, name):
     return ys, status, zeros, zeros, None
 
 
+# memo tables of reuse_solutions(), innermost last: site name -> (the call's inputs, Solution)
+_MEMOS: list[dict[str, tuple[tuple, Solution]]] = []
+
+
+@contextlib.contextmanager
+def reuse_solutions() -> Iterator[None]:
+    """Within this context and without grad, :func:`ode` returns a site's previous solution
+    when it is called again with equal inputs instead of solving again.
+
+    "Equal" means the same ``rhs`` object (a function defined inside the model is a new
+    object on every call, so it never matches) and equal values of ``y0``, ``times``,
+    ``params`` and every keyword (compared elementwise, shapes included). The last call of
+    each site is kept. It serves samplers that change one latent at a time: in a centred
+    hierarchy a move of a population parameter leaves every individual's ODE parameters as
+    they were, and such passes of the model then cost no solve. The ``rhs`` must depend on
+    nothing but its arguments (and fixed module weights), as :func:`solve` asks anyway.
+    """
+    _MEMOS.append({})
+    try:
+        yield
+    finally:
+        _MEMOS.pop()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, for the inputs of a solve (tensors elementwise, with shapes and dtypes)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if dataclasses.is_dataclass(a) or isinstance(a, PiecewiseConstant):
+        return _same(vars(a), vars(b))
+    try:
+        return bool(a == b)
+    except (TypeError, RuntimeError, ValueError):
+        return False
+
+
 def ode(
     name: str,
     rhs: Callable[..., torch.Tensor],
@@ -360,7 +429,14 @@ def ode(
     :class:`~pyro_hds.Solution`. Objectives give particles whose status is not SUCCESS zero
     weight. An element that failed holds its last finite state in the returned trajectory.
     """
-    solution = solve(rhs, y0, times, params, name=name, **kwargs)
+    memo = _MEMOS[-1] if _MEMOS and not torch.is_grad_enabled() else None
+    call = (rhs, y0, times, params, kwargs)
+    if memo is not None and name in memo and memo[name][0][0] is rhs and _same(memo[name][0], call):
+        solution = memo[name][1]
+    else:
+        solution = solve(rhs, y0, times, params, name=name, **kwargs)
+        if memo is not None:
+            memo[name] = (call, solution)
     ys = solution.ys
     return pyro.sample(
         name,

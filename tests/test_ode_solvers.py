@@ -413,3 +413,97 @@ def test_state_major_rhs_gets_a_state_major_state_and_the_same_solution(solver):
     if isinstance(solver, Dopri5):  # and it is the right solution (tolerance 1e-6 rtol)
         exact = torch.cos(w.detach()[:, None] * TS)
         torch.testing.assert_close(out["state"][0][..., 0], exact, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", [RK4(substeps=8), Dopri5()], ids=["rk4", "dopri5"])
+def test_doses_per_individual_broadcast_over_particles(solver):
+    # the merged grid is built once per individual and broadcast over the particle dim: each
+    # (particle, individual) element must get its own individual's doses, as when solved alone
+    doses = Doses(
+        times=torch.tensor([[0.0, 12.0], [0.0, math.inf], [5.0, 7.5]]),
+        amounts=torch.tensor([[100.0, 100.0], [80.0, 0.0], [50.0, 20.0]]),
+        targets=torch.tensor([[0, 0], [0, 0], [0, 1]]),
+    )
+    times = torch.tensor([[1.0, 6.0, 12.0, 20.0], [2.0, 4.0, 8.0, 16.0], [5.0, 6.0, 7.5, 9.0]])
+    ka = torch.tensor([[0.5], [0.8], [1.2], [2.0]])  # (K, 1) per particle
+    cl = torch.tensor([2.0, 3.0, 4.0])  # (N,) per individual
+    v = torch.tensor([[15.0], [20.0], [25.0], [30.0]]) * torch.tensor([1.0, 1.1, 0.9])
+    sol = solve(
+        pk_oral.rhs,
+        torch.zeros(2),
+        times,
+        {"ka": ka, "cl": cl, "v": v},
+        solver=solver,
+        t0=0.0,
+        doses=doses,
+    )
+    assert sol.ys.shape == (4, 3, 4, 2)
+    for k in range(4):
+        for i in range(3):
+            alone = solve(
+                pk_oral.rhs,
+                torch.zeros(2),
+                times[i],
+                {"ka": ka[k, 0], "cl": cl[i], "v": v[k, i]},
+                solver=solver,
+                t0=0.0,
+                doses=Doses(
+                    doses.times[i : i + 1], doses.amounts[i : i + 1], doses.targets[i : i + 1]
+                ),
+            )
+            torch.testing.assert_close(sol.ys[k, i], alone.ys[0], rtol=1e-5, atol=1e-5)
+
+
+def test_reuse_solutions_returns_the_previous_solution_only_for_equal_inputs(monkeypatch):
+    import importlib
+
+    ode_module = importlib.import_module("pyro_hds.ode")
+    calls = []
+    real_solve = ode_module.solve
+
+    def counting_solve(*args, **kwargs):
+        calls.append(kwargs.get("name"))
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(ode_module, "solve", counting_solve)
+    data, truth = pk_oral.simulate(per_group=2, seed=3)
+    params = {k: truth[k].clone() for k in ("ka", "cl", "v")}
+
+    def run(p, rhs=pk_oral.rhs, doses=data.doses):
+        kwargs = {"solver": RK4(substeps=4), "t0": 0.0, "doses": doses}
+        return pyro_hds.ode("x", rhs, torch.zeros(2), data.times, p, **kwargs)
+
+    with torch.no_grad(), ode_module.reuse_solutions():
+        first = run(params)
+        again = run({k: v.clone() for k, v in params.items()})  # equal values, new tensors
+        assert len(calls) == 1 and torch.equal(again, first)
+        moved = dict(params, cl=params["cl"] * torch.tensor([1.0] * 5 + [1.5]))
+        other = run(moved)
+        assert len(calls) == 2
+        fresh = real_solve(
+            pk_oral.rhs,
+            torch.zeros(2),
+            data.times,
+            moved,
+            solver=RK4(substeps=4),
+            t0=0.0,
+            doses=data.doses,
+        ).ys
+        torch.testing.assert_close(other, fresh, rtol=0, atol=0)
+        assert not torch.equal(other[-1], first[-1]) and torch.equal(other[0], first[0])
+        # other doses (equal times, one amount changed), another rhs object: solved again
+        doses = Doses(data.doses.times, data.doses.amounts * 1.0, data.doses.targets)
+        run(moved, doses=doses)
+        assert len(calls) == 2  # equal values: reused
+        doses.amounts[0, 0] = 50.0
+        run(moved, doses=doses)
+        assert len(calls) == 3
+        run(moved, rhs=lambda t, y, p: pk_oral.rhs(t, y, p), doses=doses)
+        assert len(calls) == 4
+        with torch.enable_grad():  # never under grad: the graph of a solve is not shared
+            run(moved, doses=doses)
+        assert len(calls) == 5
+    with torch.no_grad():  # outside the context: every call solves
+        run(params)
+        run(params)
+    assert len(calls) == 7

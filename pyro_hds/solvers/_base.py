@@ -128,6 +128,44 @@ class Schedule:
         onehot = torch.nn.functional.one_hot(target, y.shape[-1]).to(y.dtype)
         return y + add[:, None] * onehot
 
+    def expand(self, grid_batch: torch.Size, batch: torch.Size) -> Schedule:
+        """This schedule of a flat ``grid_batch`` (every field ``(prod(grid_batch), ...)``)
+        broadcast to the flat ``batch``: the grid depends on the observation times, doses
+        and breakpoints only, so it is merged once per distinct grid, not once per particle
+        and individual."""
+        if grid_batch == batch:
+            return self
+
+        def grow(x: torch.Tensor) -> torch.Tensor:
+            tail = x.shape[1:]
+            return x.reshape(*grid_batch, *tail).expand(*batch, *tail).reshape(-1, *tail)
+
+        return Schedule(
+            grow(self.t0),
+            grow(self.points),
+            grow(self.kind),
+            grow(self.amount),
+            grow(self.target),
+            grow(self.obs_index),
+            self.has_jumps,
+            obs_only=self.obs_only,
+        )
+
+    def column_jumps(self, num_states: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        """``{p: (B, S) increment}`` for every grid position ``p`` at which some element has a
+        non-zero dose (one host read): what a solver whose elements all reach position ``p``
+        together (the fixed-step loop) adds there, without gathering at the other positions."""
+        if not self.has_jumps:
+            return {}
+        dosed = (self.kind == DOSE) & (self.amount != 0)
+        columns = dosed.any(0).nonzero().flatten().tolist()
+        out = {}
+        for p in columns:
+            amount = torch.where(dosed[:, p], self.amount[:, p], self.amount.new_zeros(()))
+            onehot = torch.nn.functional.one_hot(self.target[:, p], num_states).to(dtype)
+            out[p] = amount.to(dtype)[:, None] * onehot
+        return out
+
 
 def build_schedule(
     times: torch.Tensor,

@@ -154,6 +154,7 @@ def _state_major_copy(y: torch.Tensor) -> torch.Tensor:
         and base.shape == y.shape[::-1]
         and base.data_ptr() == y.data_ptr()
         and y.t().is_contiguous()
+        and base.stride() == (base.shape[1], 1)  # the strides a kernel is specialized on
     ):
         return base
     return y.t().clone(memory_format=torch.contiguous_format)
@@ -284,6 +285,7 @@ def integrate_fixed(
     num_points = sched.points.shape[1]
     died_at = torch.full((b,), num_points, dtype=torch.long, device=y0.device)
     hist: list[torch.Tensor] = []
+    jumps = sched.column_jumps(y0.shape[-1], y0.dtype)
 
     def careful(y, t, h, dead):
         for _ in range(substeps):
@@ -344,8 +346,9 @@ def integrate_fixed(
             died_at = torch.where(dead & (died_at == num_points), p, died_at)
         t = target  # exact arrival
         hist.append(y)
-        if sched.has_jumps:
-            y = sched.apply_jumps(y, ~dead, torch.full((b,), p, device=y.device))
+        jump = jumps.get(p)
+        if jump is not None:  # a dead element gets no dose (its state stays frozen)
+            y = y + (torch.where(dead[:, None], jump.new_zeros(()), jump) if any_dead else jump)
     obs_index = sched.obs_index.expand(b, -1)
     ys = _gather_outputs(hist, obs_index, identity=sched.obs_only)
     status = torch.where(dead, int(Status.NONFINITE), int(Status.SUCCESS)).long()
