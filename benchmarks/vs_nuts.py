@@ -45,7 +45,8 @@ Sides.
   steps on minibatches of ``--batch-size`` individuals, lr 0.02 decaying exponentially to
   ``--final-lr-fraction`` times that; then ``FitResult.posterior``
   draws ``--draws`` posterior draws with ``--draw-particles`` importance particles per
-  individual and draw; with ``--gibbs CHAINS WARMUP``, ``FitResult.gibbs`` draws them
+  individual and draw; with ``--gibbs CHAINS WARMUP`` (and ``--gibbs-particles``,
+  ``--gibbs-local-steps``), ``FitResult.gibbs`` draws them
   instead (particle Gibbs with the guide as proposal: exact in the limit, so the guide's bias
   in the globals does not reach the draws). ``--average-last`` averages the fit's parameters
   over its last steps, ``--trace-every`` prints the guide's population errors during the fit.
@@ -429,13 +430,16 @@ def run_pyro_hds(
     average_last: float = 0.0,
     final_lr_fraction: float = 0.1,
     gibbs: tuple[int, int] | None = None,
+    gibbs_particles: int | None = None,
+    gibbs_local_steps: int = 1,
     trace_every: int = 0,
     reference: dict[str, np.ndarray] | None = None,
 ) -> tuple[Run, Any]:
     """Fit ``pk_oral.model`` (IWAE with ``particles``, lr 0.02) and draw its posterior with
     ``draw_particles`` importance particles per individual; returns the run and FitResult.
     With ``gibbs = (chains, warmup)`` the draws come from :meth:`FitResult.gibbs` instead
-    (particle Gibbs, ``draw_particles`` particles in its local step).
+    (particle Gibbs, ``gibbs_particles`` particles in its importance step, default
+    ``draw_particles``, and ``gibbs_local_steps`` random-walk steps on the locals).
 
     With ``trace_every`` and NUTS draws as ``reference``, every ``trace_every`` steps the
     guide's medians of the population parameters are printed as signed errors
@@ -482,7 +486,8 @@ def run_pyro_hds(
                 num_samples=draws,
                 num_chains=gibbs[0],
                 warmup=gibbs[1],
-                num_particles=draw_particles,
+                num_particles=draw_particles if gibbs_particles is None else gibbs_particles,
+                local_steps=gibbs_local_steps,
                 seed=seed,
                 progress=False,
             )
@@ -515,9 +520,12 @@ def report_chains(posterior) -> None:
     ]
     ess = min(float(np.min(effective_sample_size(x))) for x in pop)
     rhat = max(float(np.max(split_gelman_rubin(x))) for x in pop)
+    walk = diag["local_acceptance"]
+    moved = diag["local_move_rate"]
     print(
-        f"  gibbs: acceptance {rates}; locals: random walk {diag['local_acceptance']:.2f}, "
-        f"importance step moved {diag['local_move_rate']:.2f} per sweep; population "
+        f"  gibbs: acceptance {rates}; locals: random walk "
+        f"{'none' if walk is None else f'{walk:.2f}'}, importance step "
+        f"{'none' if moved is None else f'moved {moved:.2f} per sweep'}; population "
         f"parameters: min bulk ESS {ess:.0f} of {posterior.samples['sigma'].shape[0]}, "
         f"max split R-hat {rhat:.3f} ({chains} chains)",
         flush=True,
@@ -651,6 +659,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "chains and warm-up sweeps, instead of importance resampling",
     )
     p.add_argument(
+        "--gibbs-particles",
+        type=int,
+        default=None,
+        help="K of FitResult.gibbs's importance step (default: --draw-particles; 1: none)",
+    )
+    p.add_argument(
+        "--gibbs-local-steps",
+        type=int,
+        default=1,
+        help="random-walk steps on the locals per sweep of FitResult.gibbs",
+    )
+    p.add_argument(
         "--average-last",
         type=float,
         default=0.0,
@@ -669,6 +689,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--average-last must be in [0, 1]")
     if args.gibbs is not None and (args.gibbs[0] < 1 or args.gibbs[1] < 0):
         p.error("--gibbs needs CHAINS >= 1 and WARMUP >= 0")
+    if args.gibbs_particles is not None and args.gibbs_particles < 1:
+        p.error("--gibbs-particles must be >= 1")
+    if args.gibbs_local_steps < 0:
+        p.error("--gibbs-local-steps must be >= 0")
     if args.trace_every < 0:
         p.error("--trace-every must be >= 0")
     if args.quick:
@@ -719,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.average_last
         else ""
     )
+    gibbs_k = args.draw_particles if args.gibbs_particles is None else args.gibbs_particles
     print(
         f"pyro_hds: {args.steps} steps, batch {args.batch_size}, IWAE K = {args.particles}"
         f"{' (DReG)' if args.dreg else ''}"
@@ -728,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{averaging}; {args.draws} draws "
         + (
             f"by particle Gibbs ({args.gibbs[0]} chains, {args.gibbs[1]} warm-up sweeps, "
-            f"K = {args.draw_particles} in the local step)."
+            f"K = {gibbs_k} in the importance step, {args.gibbs_local_steps} random-walk "
+            "steps on the locals per sweep)."
             if args.gibbs
             else f"with {args.draw_particles} importance particles per individual."
         )
@@ -764,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
             average_last=args.average_last,
             final_lr_fraction=args.final_lr_fraction,
             gibbs=None if args.gibbs is None else tuple(args.gibbs),
+            gibbs_particles=args.gibbs_particles,
+            gibbs_local_steps=args.gibbs_local_steps,
             trace_every=args.trace_every,
             reference=nuts.draws,
         )

@@ -22,12 +22,16 @@ local latents :math:`z_i`. One sweep:
                         {p(\theta, z, y)\,|\det J_{T_b}(u_b)|}\Big),
 
    where :math:`p(\theta, z, y)` is the model's joint density (one pass of the model with every
-   latent fixed: one ODE solve per individual and chain).
+   latent fixed: one ODE solve per individual and chain). A group site of at most
+   ``ELEMENTWISE_GROUPS`` groups moves one group at a time, each with its own step size:
+   a joint step in several groups' values is accepted less often the more groups it moves.
 2. **Locals, random walk** (``local_steps`` times), all individuals at once: given the outer
    sites the target factorizes over individuals, so every individual's proposal
    :math:`u_i' = u_i + a\, \mathrm{sd}_q(u_i) \odot \varepsilon` (all its local sites
    together, scaled by the guide's spread for that individual) is accepted or rejected on its
-   own, with the ratio of :math:`p(y_i, z_i \mid \theta)` and the Jacobians.
+   own, with the ratio of :math:`p(y_i, z_i \mid \theta)` and the Jacobians. From three
+   quarters of the way through warm-up on, the steps follow each individual's covariance
+   as the chains' states estimated it (:class:`_LocalWalk`).
 3. **Locals, conditional importance sampling**, all individuals at once. For individual
    :math:`i`, particle 0 is the current :math:`z_i` and particles :math:`1..K-1` are fresh
    draws of the guide, :math:`z_{ik} \sim q(z_i \mid y_i)`; one of the :math:`K` is kept
@@ -36,7 +40,8 @@ local latents :math:`z_i`. One sweep:
    Holenstein, 2010) with a single time step; it leaves :math:`p(z_i \mid \theta, y_i)`
    invariant for any proposal :math:`q`, and the closer :math:`q` is to that conditional the
    more often the chain moves. The random walk of step 2 keeps the locals moving where the
-   guide's draws rarely win (a mean-field guide against correlated locals, say).
+   guide's draws rarely win (a mean-field guide against correlated locals, say). With
+   ``num_particles = 1`` this step is skipped and the random walk alone moves the locals.
 
 Each step leaves the posterior invariant, so the sweep does. During ``warmup`` sweeps the
 step sizes adapt (Robbins-Monro on :math:`\log s_b` and :math:`\log a` toward an acceptance
@@ -47,7 +52,10 @@ equal number per chain, every sweep). Chains start from draws of the guide, the 
 importance resampling.
 
 Cost per sweep: one pass with :math:`C K N` ODE solves for the importance step and one pass
-with :math:`C N` per outer site and per local random-walk step. The chains are vectorized like
+with :math:`C N` per outer site and per local random-walk step. The passes of step 1 run under
+:func:`pyro_hds.ode.reuse_solutions`: when the ODE parameters are the individuals' locals (a
+centred hierarchy), a move of an outer site leaves them as they were, and only the first of
+these passes solves. The chains are vectorized like
 the particles of :class:`IWAE`.
 """
 
@@ -63,11 +71,14 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import biject_to
 
 from pyro_hds.objectives import IWAE, LogWeights, _local_frame
+from pyro_hds.ode import reuse_solutions
 from pyro_hds.results import _choose
 
 __all__ = ["particle_gibbs"]
 
 TARGET_ACCEPT = 0.35
+START_PARTICLES = 16
+ELEMENTWISE_GROUPS = 16  # group sites with at most this many groups move group by group
 
 
 def _latent(site: dict) -> bool:
@@ -205,19 +216,27 @@ def particle_gibbs(
     Call it through :meth:`pyro_hds.FitResult.gibbs`, which turns the result into a
     :class:`~pyro_hds.Posterior`.
     """
-    if min(num_samples, num_chains, num_particles - 1) < 1 or min(warmup, local_steps) < 0:
+    if min(num_samples, num_chains, num_particles) < 1 or min(warmup, local_steps) < 0:
         raise ValueError(
-            "gibbs(): need num_samples >= 1, num_chains >= 1, warmup >= 0, num_particles >= 2 "
+            "gibbs(): need num_samples >= 1, num_chains >= 1, warmup >= 0, num_particles >= 1 "
             f"and local_steps >= 0 (got {num_samples}, {num_chains}, {warmup}, "
             f"{num_particles}, {local_steps})"
+        )
+    if num_particles == 1 and local_steps == 0:
+        raise ValueError(
+            "gibbs(): with num_particles=1 (no importance step) the locals move by the random "
+            "walk alone; local_steps=0 would never move them. Use local_steps >= 1."
         )
     passes = _Passes(model, guide, data, num_chains)
     kept = -(-num_samples // num_chains)
 
-    with torch.no_grad():
+    # the passes of step 1 keep the locals: where the model is centred they change no ODE
+    # parameter, and reuse_solutions() spares their solves
+    with torch.no_grad(), reuse_solutions():
         # the guide's spread of each site in unconstrained space sets the first step sizes
         spread_trace = passes.guide_trace(1, chains=256)
-        first = passes.run(num_particles, None, None)
+        # the start: importance resampling among at least 16 draws of the guide
+        first = passes.run(max(num_particles, START_PARTICLES), None, None)
         model_sites = {
             name: site for name, site in first.model_trace.nodes.items() if _latent(site)
         }
@@ -238,6 +257,23 @@ def particle_gibbs(
         # the local random walk: the guide's spread of each individual times one factor
         local_dim = sum(max(1, math.prod(spread[n].shape[3:])) for n in local_names)
         log_local_step = math.log(2.38 / math.sqrt(max(1, local_dim)))
+        walk = _LocalWalk(local_names, transforms, spread, warmup)
+        # a group site of a few groups moves one group at a time (its own step size and
+        # acceptance); with more groups, or for a global, the whole site at once
+        outer_blocks: list[tuple[str, torch.Tensor | None]] = []
+        blocks: dict[str, int] = {}
+        for name in outer_names:
+            g = spread[name].shape[2] if spread[name].dim() > 2 else 1
+            if 1 < g <= ELEMENTWISE_GROUPS:
+                shape = [1] * spread[name].dim()
+                shape[2] = g
+                for j in range(g):
+                    one = torch.zeros(g, dtype=torch.bool, device=spread[name].device)
+                    one[j] = True
+                    outer_blocks.append((name, one.reshape(shape)))
+            else:
+                outer_blocks.append((name, None))
+            blocks[name] = max(1, sum(1 for n, _ in outer_blocks if n == name))
         outer = {
             name: first.guide_trace.nodes[name]["value"][:, :1].clone() for name in outer_names
         }
@@ -265,9 +301,14 @@ def particle_gibbs(
             for sweep in range(warmup + kept):
                 gain = 1.0 / math.sqrt(sweep + 1.0)
                 # 1. the globals and group latents, one site at a time
-                for name in outer_names:
+                for name, mask in outer_blocks:
                     value = outer[name]
-                    u, proposal, u_new = _propose(transforms[name], value, log_step[name].exp())
+                    step = log_step[name].exp()
+                    u, proposal, u_new = _propose(
+                        transforms[name], value, step if mask is None else step * mask
+                    )
+                    if mask is not None:  # the other groups' values stay exactly as they were
+                        proposal = torch.where(mask, proposal, value)
                     new_outer, new_local = _model_terms(
                         passes.run(1, {**outer, name: proposal}, local)
                     )
@@ -285,22 +326,21 @@ def particle_gibbs(
                     local_lp = torch.where(accept[:, None], new_local, local_lp)
                     rate = float(accept.double().mean())
                     if sweep < warmup:
-                        log_step[name] = log_step[name] + gain * (rate - TARGET_ACCEPT)
+                        change = gain * (rate - TARGET_ACCEPT)
+                        log_step[name] = log_step[name] + (
+                            change if mask is None else change * mask
+                        )
                     else:
-                        accepted[name] += rate
+                        accepted[name] += rate / blocks[name]
                 # 2. the locals by a random walk, every individual at once: given the globals
                 # the target factorizes over individuals, so each is accepted on its own
+                if walk.learning(sweep):
+                    walk.learn(local)
+                elif sweep == walk.switch:
+                    walk.freeze()
+                    log_local_step = math.log(2.38 / math.sqrt(max(1, local_dim)))
                 for _ in range(local_steps):
-                    step = math.exp(log_local_step)
-                    proposals: dict[str, torch.Tensor] = {}
-                    log_jac = torch.zeros_like(local_lp)
-                    for name in local_names:
-                        u, proposal, u_new = _propose(
-                            transforms[name], local[name], step * spread[name]
-                        )
-                        proposals[name] = proposal
-                        log_jac += _ladj(transforms[name], u_new, proposal)
-                        log_jac -= _ladj(transforms[name], u, local[name])
+                    proposals, log_jac = walk.propose(local, math.exp(log_local_step))
                     _, new_local = _model_terms(passes.run(1, outer, proposals))
                     accept = _accept(new_local - local_lp + log_jac)  # (C, N)
                     for name in local_names:
@@ -313,15 +353,20 @@ def particle_gibbs(
                         local_accepted += rate / local_steps
                 # 3. the locals by conditional importance sampling among the current ones and
                 # K - 1 draws of the guide
-                weights = passes.run(num_particles, outer, local)
-                chosen = _choose(weights.local)
-                local = {
-                    name: _pick(weights.guide_trace.nodes[name]["value"], chosen)
-                    for name in local_names
-                }
-                outer_lp, local_lp = _model_terms(weights, chosen)
+                if num_particles > 1:
+                    weights = passes.run(num_particles, outer, local)
+                    chosen = _choose(weights.local)
+                    local = {
+                        name: _pick(weights.guide_trace.nodes[name]["value"], chosen)
+                        for name in local_names
+                    }
+                    outer_lp, local_lp = _model_terms(weights, chosen)
+                    if sweep >= warmup:
+                        moved += float((chosen != 0).double().mean())
+                elif sweep >= warmup:  # no importance step: a pass at the state to record
+                    weights = passes.run(1, outer, local)
+                    chosen = torch.zeros_like(local_lp, dtype=torch.long)
                 if sweep >= warmup:
-                    moved += float((chosen != 0).double().mean())
                     records.append(record(weights, chosen))
                 if bar is not None:
                     bar.update(1)
@@ -333,13 +378,98 @@ def particle_gibbs(
         "step_size": {name: log_step[name].exp().reshape(-1).tolist() for name in outer_names},
         "local_acceptance": local_accepted / kept if local_steps else None,
         "local_step_factor": math.exp(log_local_step),
-        "local_move_rate": moved / kept,
+        "local_covariance": walk.chol is not None,
+        "local_move_rate": moved / kept if num_particles > 1 else None,
         "num_chains": num_chains,
         "warmup": warmup,
         "num_particles": num_particles,
         "local_steps": local_steps,
     }
     return records, diagnostics
+
+
+class _LocalWalk:
+    r"""The random walk on every individual's locals (all local sites together, in
+    unconstrained space, flattened to ``(C, N, D)``).
+
+    It starts scaled by the guide's spread of each individual. With ``warmup >= 20`` the
+    chains' states in the middle half of warm-up (sweeps ``warmup // 4`` to ``3 warmup // 4``,
+    all chains pooled) give each individual's covariance :math:`\Sigma_i`,
+    shrunk toward the guide's variances with the weight of ``PRIOR_DRAWS`` draws; from sweep
+    ``3 warmup // 4`` on the proposal is :math:`u_i' = u_i + a L_i \varepsilon` with
+    :math:`L_i L_i^\top = \Sigma_i`, the factor :math:`a` adapting until the end of warm-up
+    and fixed after. Posteriors of ODE parameters are often strongly correlated (a rate and a
+    volume that only their ratio pins down), where a walk along the axes must take tiny steps.
+    """
+
+    PRIOR_DRAWS = 10.0
+
+    def __init__(self, names, transforms, spread, warmup: int) -> None:
+        self.names, self.transforms, self.spread = names, transforms, spread
+        self.start, self.switch = (warmup // 4, 3 * warmup // 4) if warmup >= 20 else (-1, -1)
+        self.chol: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+        self.outer_sum: torch.Tensor | None = None
+        self.count = 0
+
+    def _flat(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for name in self.names:
+            u = self.transforms[name].inv(local[name].double())  # (C, 1, N, *event)
+            parts.append(u.reshape(u.shape[0], u.shape[2], -1))
+        return torch.cat(parts, -1)  # (C, N, D)
+
+    def learning(self, sweep: int) -> bool:
+        return self.start <= sweep < self.switch
+
+    def learn(self, local: dict[str, torch.Tensor]) -> None:
+        u = self._flat(local)
+        s1, s2 = u.sum(0), torch.einsum("cni,cnj->nij", u, u)
+        self.sum = s1 if self.sum is None else self.sum + s1
+        self.outer_sum = s2 if self.outer_sum is None else self.outer_sum + s2
+        self.count += u.shape[0]
+
+    def freeze(self) -> None:
+        assert self.sum is not None and self.outer_sum is not None
+        n = float(self.count)
+        mean = self.sum / n
+        cov = self.outer_sum / n - mean[:, :, None] * mean[:, None, :]
+        guide_var = torch.cat(
+            [self.spread[name].reshape(self.spread[name].shape[2], -1) for name in self.names],
+            -1,
+        ).pow(2)  # (N, D)
+        w = self.PRIOR_DRAWS
+        cov = (n * cov + w * torch.diag_embed(guide_var)) / (n + w)
+        self.chol = torch.linalg.cholesky(cov)  # (N, D, D)
+
+    def propose(self, local: dict[str, torch.Tensor], factor: float):
+        """Proposals of every site and ``(C, N)`` log |det J| of the new minus the old."""
+        proposals: dict[str, torch.Tensor] = {}
+        log_jac: torch.Tensor | float = 0.0
+        if self.chol is None:
+            for name in self.names:
+                u, proposal, u_new = _propose(
+                    self.transforms[name], local[name], factor * self.spread[name]
+                )
+                proposals[name] = proposal
+                log_jac = log_jac + _ladj(self.transforms[name], u_new, proposal)
+                log_jac = log_jac - _ladj(self.transforms[name], u, local[name])
+            return proposals, log_jac
+        u = self._flat(local)
+        eps = torch.randn_like(u)
+        u_all = u + factor * torch.einsum("nij,cnj->cni", self.chol, eps)
+        at = 0
+        for name in self.names:
+            value = local[name]
+            d = max(1, math.prod(value.shape[3:]))
+            u_site = self.transforms[name].inv(value.double())
+            u_new = u_all[..., at : at + d].reshape(u_site.shape)
+            at += d
+            proposal = self.transforms[name](u_new).to(value.dtype)
+            proposals[name] = proposal
+            log_jac = log_jac + _ladj(self.transforms[name], u_new, proposal)
+            log_jac = log_jac - _ladj(self.transforms[name], u_site, value)
+        return proposals, log_jac
 
 
 def _pick(value: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

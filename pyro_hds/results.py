@@ -388,14 +388,18 @@ class FitResult:
         :param num_chains: chains run side by side (vectorized like particles).
         :param warmup: sweeps discarded first, during which the Metropolis step sizes adapt.
         :param num_particles: ``K``: the current locals of each individual plus ``K - 1``
-            draws of the guide, among which the importance step keeps one.
+            draws of the guide, among which the importance step keeps one (1: no importance
+            step, the random walk alone moves the locals).
         :param local_steps: random-walk Metropolis steps on every individual's locals per
-            sweep (0: the importance step alone).
+            sweep (0: the importance step alone). The importance step costs ``K`` times a
+            random-walk step; with a guide whose draws rarely win (``local_move_rate`` of a
+            few percent) a few random-walk steps and ``num_particles=1`` move the locals for
+            less.
         :returns: a :class:`Posterior` whose draws are ``num_chains`` chains one after another
             (``num_chains`` set), with ``diagnostics``: ``acceptance`` and ``step_size`` per
             global and group site, ``local_acceptance`` and ``local_step_factor`` of the
             locals' random walk, ``local_move_rate`` (the share of individuals whose locals
-            the importance step changed per sweep). Its ``pareto_k``, ``ess`` and
+            the importance step changed per sweep; None without it). Its ``pareto_k``, ``ess`` and
             ``inner_bound`` describe the weights of the importance steps, the current particle
             included.
         """

@@ -262,9 +262,17 @@ def test_quick_run_with_ode_nuts_and_no_new_individuals(numpyro_installed):
         "--gibbs",
         "2",
         "4",
+        "--gibbs-particles",
+        "1",
+        "--gibbs-local-steps",
+        "2",
     )
-    # the draws by particle Gibbs: 20 draws, 2 chains, 4 warm-up sweeps, K = 4 (--quick)
-    assert "20 draws by particle Gibbs (2 chains, 4 warm-up sweeps, K = 4" in out
+    # the draws by particle Gibbs: 20 draws, 2 chains, 4 warm-up sweeps, no importance step
+    assert (
+        "20 draws by particle Gibbs (2 chains, 4 warm-up sweeps, K = 1 in the importance "
+        "step, 2 random-walk steps on the locals per sweep)" in out
+    )
+    assert "importance step none;" in out
     chains = re.search(
         r"^  gibbs: acceptance ka_pop \S+, .*min bulk ESS (\d+) of 20, max split R-hat (\S+) "
         r"\(2 chains\)$",

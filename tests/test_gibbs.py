@@ -54,8 +54,12 @@ def biased():
     return data, mean, sd, FitResult(model, make_rough_guide(theta), data)
 
 
-@pytest.mark.parametrize("local_steps", [1, 0])
-def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased, local_steps):
+@pytest.mark.parametrize(
+    "num_particles, local_steps",
+    [(8, 1), (8, 0), (1, 3)],
+    ids=["walk+importance", "importance", "walk"],
+)
+def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased, num_particles, local_steps):
     import arviz_stats
 
     _, mean, sd, result = biased
@@ -63,7 +67,7 @@ def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased, local_st
         num_samples=12000,
         num_chains=8,
         warmup=200,
-        num_particles=8,
+        num_particles=num_particles,
         local_steps=local_steps,
         seed=0,
         progress=False,
@@ -90,7 +94,10 @@ def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased, local_st
     diag = post.diagnostics
     assert set(diag["acceptance"]) == {"mu", "g"}
     assert all(0.1 < a < 0.7 for a in diag["acceptance"].values()), diag
-    assert 0.3 < diag["local_move_rate"] <= 1.0, diag
+    if num_particles > 1:
+        assert 0.3 < diag["local_move_rate"] <= 1.0, diag
+    else:
+        assert diag["local_move_rate"] is None
     if local_steps:
         assert 0.1 < diag["local_acceptance"] < 0.7, diag
 
@@ -107,8 +114,10 @@ def test_gibbs_options_and_errors(biased):
     # the importance step alone (no random walk on the locals) is a valid sampler too
     alone = result.gibbs(num_samples=4, num_chains=2, warmup=1, local_steps=0, progress=False)
     assert alone.diagnostics["local_acceptance"] is None and alone.samples["z"].shape == (4, N)
-    with pytest.raises(ValueError, match="num_particles >= 2"):
-        result.gibbs(num_samples=4, num_particles=1)
+    with pytest.raises(ValueError, match="num_particles >= 1"):
+        result.gibbs(num_samples=4, num_particles=0)
+    with pytest.raises(ValueError, match="local_steps=0 would never move"):
+        result.gibbs(num_samples=4, num_particles=1, local_steps=0)
     with pytest.raises(ValueError, match="num_chains >= 1"):
         result.gibbs(num_samples=4, num_chains=0)
     # a subset of a larger data set would give the posterior of the wrong likelihood
@@ -119,19 +128,21 @@ def test_gibbs_options_and_errors(biased):
         result.gibbs(part, num_samples=4, warmup=0)
 
 
+def short_pk_fit(per_group: int, seed: int, num_steps: int):
+    """Simulated pk_oral data (3 groups) and a short fit of it, for shapes and plumbing."""
+    data, _ = pk_oral.simulate(num_groups=3, per_group=per_group, seed=seed)
+    objective = pyro_hds.IWAE(num_particles=4)
+    result = pyro_hds.fit(
+        pk_oral.model, data, num_steps=num_steps, objective=objective, progress=False, seed=0
+    )
+    return data, result
+
+
 def test_gibbs_on_the_pk_model_exports_chains_to_arviz(tmp_path):
     import arviz_stats
     import xarray as xr
 
-    data, _ = pk_oral.simulate(num_groups=3, per_group=4, seed=2)
-    result = pyro_hds.fit(
-        pk_oral.model,
-        data,
-        num_steps=20,
-        objective=pyro_hds.IWAE(num_particles=4),
-        progress=False,
-        seed=0,
-    )
+    data, result = short_pk_fit(per_group=4, seed=2, num_steps=20)
     post = result.gibbs(
         num_samples=40, num_chains=4, warmup=10, num_particles=4, seed=0, progress=False
     )
@@ -178,3 +189,80 @@ def test_gibbs_on_the_pk_model_exports_chains_to_arviz(tmp_path):
     tree.to_netcdf(path)
     back = xr.open_datatree(path)
     np.testing.assert_array_equal(back["posterior"]["ka"].values, tree["posterior"]["ka"].values)
+
+
+def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(monkeypatch):
+    # pk_oral is centred: the outer moves keep every ODE parameter, so reuse_solutions spares
+    # their solves; the chain must be the same draw for draw as with every pass solving
+    import contextlib
+    import importlib
+
+    gibbs_module = importlib.import_module("pyro_hds.gibbs")
+    ode_module = importlib.import_module("pyro_hds.ode")
+    _, result = short_pk_fit(per_group=3, seed=4, num_steps=10)
+    calls = []
+    real_solve = ode_module.solve
+
+    def counting_solve(*args, **kwargs):
+        calls.append(1)
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(ode_module, "solve", counting_solve)
+    options = {"num_samples": 12, "num_chains": 2, "warmup": 3, "num_particles": 4, "seed": 0}
+    reused = result.gibbs(**options)
+    solved_reused = len(calls)
+    monkeypatch.setattr(gibbs_module, "reuse_solutions", contextlib.nullcontext)
+    calls.clear()
+    plain = result.gibbs(**options)
+    for name in ("sigma", "cl_group", "ka", "x"):
+        torch.testing.assert_close(reused.samples[name], plain.samples[name], rtol=0, atol=0)
+    # per sweep: 9 outer passes (6 globals, then cl_group's 3 groups one at a time), one
+    # local random-walk pass and the importance pass; of the outer passes none solves in the
+    # first sweep (the start's pass had the same locals) and only the first in every later one
+    sweeps = 3 + 6
+    assert len(calls) - solved_reused == 9 + 8 * (sweeps - 1)
+
+
+def test_local_walk_learns_each_individuals_covariance():
+    # two positive local sites whose logs are correlated 0.95 for every individual, with
+    # different scales per individual: the walk's covariance after learning is the sample
+    # covariance of the states it saw, shrunk toward the guide's variances by 10 draws
+    from torch.distributions import biject_to, constraints
+
+    from pyro_hds.gibbs import _LocalWalk
+
+    torch.manual_seed(0)
+    n, chains, sweeps = 5, 4, 400
+    scale = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+    corr = torch.tensor([[1.0, 0.95], [0.95, 1.0]], dtype=torch.float64)
+    cov = corr * scale[:, None, None] ** 2  # (N, 2, 2)
+    chol = torch.linalg.cholesky(cov)
+    transforms = {k: biject_to(constraints.positive) for k in ("a", "b")}
+    guide_sd = torch.full((1, 1, n), 0.1, dtype=torch.float64)
+    walk = _LocalWalk(["a", "b"], transforms, {"a": guide_sd, "b": guide_sd}, warmup=4 * sweeps)
+    assert walk.start == sweeps and walk.switch == 3 * sweeps
+    seen = []
+    for sweep in range(walk.switch):
+        u = torch.einsum("nij,cnj->cni", chol, torch.randn(chains, n, 2, dtype=torch.float64))
+        if walk.learning(sweep):
+            walk.learn({"a": u[..., 0].exp()[:, None], "b": u[..., 1].exp()[:, None]})
+            seen.append(u)
+    assert walk.chol is None
+    walk.freeze()
+    states = torch.cat(seen)  # (draws, N, 2)
+    m = states.shape[0]
+    sample = torch.einsum("dni,dnj->nij", states, states) / m
+    sample -= states.mean(0)[:, :, None] * states.mean(0)[:, None, :]
+    expected = (m * sample + 10 * torch.diag_embed(torch.full((n, 2), 0.01))) / (m + 10)
+    learned = walk.chol @ walk.chol.transpose(-1, -2)
+    torch.testing.assert_close(learned, expected.to(learned.dtype), rtol=1e-9, atol=1e-12)
+    # and the sample covariance is the true one to sampling error (800 draws: ~5%)
+    torch.testing.assert_close(learned, cov, rtol=0.15, atol=0.02)
+    # proposals step along that covariance: u' - u has covariance factor^2 Sigma_i
+    local = {"a": torch.ones(20000, 1, n), "b": torch.ones(20000, 1, n)}
+    proposals, log_jac = walk.propose(local, 0.5)
+    du = torch.stack([proposals["a"][:, 0].log(), proposals["b"][:, 0].log()], -1).double()
+    step_cov = torch.einsum("cni,cnj->nij", du, du) / du.shape[0]
+    torch.testing.assert_close(step_cov, 0.25 * learned, rtol=0.1, atol=0.01)
+    # log |det J| of exp at u' minus at u = 0: the sum of the steps
+    torch.testing.assert_close(log_jac, du.sum(-1), rtol=1e-5, atol=1e-4)
