@@ -122,10 +122,13 @@ class _Passes:
         k: int,
         outer: dict[str, torch.Tensor] | None,
         local: dict[str, torch.Tensor] | None,
+        model_only: bool = False,
     ) -> LogWeights:
         """One pass with ``k`` particles per individual and chain. ``outer`` values (``(C, 1,
         G or 1, *event)``) replace the guide's draws of those sites; ``local`` values
-        (``(C, 1, N, *event)``) replace particle 0 of those sites."""
+        (``(C, 1, N, *event)``) replace particle 0 of those sites. ``model_only``: the
+        weights hold the model's terms alone (the guide's log-densities are not evaluated),
+        enough for :func:`_model_terms`."""
         iw = self.objective(k)
         given = set(outer or ()) | set(local or ())
         if k == 1 and self._template is not None and given >= self._template_sites:
@@ -154,6 +157,7 @@ class _Passes:
             prune_subsample_sites(guide_trace),
             self.nesting,
             (self.data,),
+            include_guide=not model_only,
         )
         if not math.isclose(weights.scale, 1.0, rel_tol=1e-9):
             raise ValueError(
@@ -287,7 +291,7 @@ def particle_gibbs(
         local = {
             name: _pick(first.guide_trace.nodes[name]["value"], chosen) for name in local_names
         }
-        outer_lp, local_lp = _model_terms(passes.run(1, outer, local))
+        outer_lp, local_lp = _model_terms(passes.run(1, outer, local, model_only=True))
 
         accepted = {name: 0.0 for name in outer_names}
         local_accepted = moved = 0.0
@@ -310,7 +314,7 @@ def particle_gibbs(
                     if mask is not None:  # the other groups' values stay exactly as they were
                         proposal = torch.where(mask, proposal, value)
                     new_outer, new_local = _model_terms(
-                        passes.run(1, {**outer, name: proposal}, local)
+                        passes.run(1, {**outer, name: proposal}, local, model_only=True)
                     )
                     log_alpha = (
                         new_outer
@@ -341,7 +345,7 @@ def particle_gibbs(
                     log_local_step = math.log(2.38 / math.sqrt(max(1, local_dim)))
                 for _ in range(local_steps):
                     proposals, log_jac = walk.propose(local, math.exp(log_local_step))
-                    _, new_local = _model_terms(passes.run(1, outer, proposals))
+                    _, new_local = _model_terms(passes.run(1, outer, proposals, model_only=True))
                     accept = _accept(new_local - local_lp + log_jac)  # (C, N)
                     for name in local_names:
                         local[name] = _where(accept, proposals[name], local[name])

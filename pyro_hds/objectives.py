@@ -235,7 +235,9 @@ class IWAE(ELBO):
         model_trace, guide_trace, nesting = self._traces(model, guide, args, kwargs)
         return self._weights(model_trace, guide_trace, nesting, args)
 
-    def _weights(self, model_trace, guide_trace, nesting: int, args) -> LogWeights:
+    def _weights(
+        self, model_trace, guide_trace, nesting: int, args, include_guide: bool = True
+    ) -> LogWeights:
         s, k = self.num_outer_particles, self.num_particles
         full_dims = nesting + 2
         local: torch.Tensor | None = None
@@ -262,7 +264,9 @@ class IWAE(ELBO):
             x = x.movedim(ind, -1).reshape(x.shape[0], x.shape[1], x.shape[ind])
             return x.expand(s, k, frame.size)
 
-        for trace, sign, kind in ((model_trace, 1.0, "model"), (guide_trace, -1.0, "guide")):
+        sides = [(model_trace, 1.0, "model"), (guide_trace, -1.0, "guide")]
+        # include_guide=False: the model's terms alone (what a Metropolis ratio needs)
+        for trace, sign, kind in sides if include_guide else sides[:1]:
             for name, site in trace.nodes.items():
                 if site["type"] != "sample":
                     continue
