@@ -444,7 +444,11 @@ class _LocalWalk:
         ).pow(2)  # (N, D)
         w = self.PRIOR_DRAWS
         cov = (n * cov + w * torch.diag_embed(guide_var)) / (n + w)
-        self.chol = torch.linalg.cholesky(cov)  # (N, D, D)
+        chol, info = torch.linalg.cholesky_ex(cov)  # (N, D, D)
+        # an individual whose states were not finite keeps the guide's spread
+        failed = (info != 0) | ~torch.isfinite(chol).all(-1).all(-1)
+        fallback = torch.diag_embed(guide_var.sqrt())
+        self.chol = torch.where(failed[:, None, None], fallback, torch.nan_to_num(chol))
 
     def propose(self, local: dict[str, torch.Tensor], factor: float):
         """Proposals of every site and ``(C, N)`` log |det J| of the new minus the old."""

@@ -258,6 +258,15 @@ def test_local_walk_learns_each_individuals_covariance():
     torch.testing.assert_close(learned, expected.to(learned.dtype), rtol=1e-9, atol=1e-12)
     # and the sample covariance is the true one to sampling error (800 draws: ~5%)
     torch.testing.assert_close(learned, cov, rtol=0.15, atol=0.02)
+    # an individual with a state at the boundary (log 0 = -inf) keeps the guide's spread
+    broken = _LocalWalk(["a", "b"], transforms, {"a": guide_sd, "b": guide_sd}, warmup=80)
+    for _ in range(30):
+        values = torch.rand(chains, 1, n, dtype=torch.float64) + 0.5
+        values[0, 0, 2] = 0.0
+        broken.learn({"a": values, "b": values.clone()})
+    broken.freeze()
+    assert torch.isfinite(broken.chol).all()
+    torch.testing.assert_close(broken.chol[2], torch.eye(2, dtype=torch.float64) * 0.1)
     # proposals step along that covariance: u' - u has covariance factor^2 Sigma_i
     local = {"a": torch.ones(20000, 1, n), "b": torch.ones(20000, 1, n)}
     proposals, log_jac = walk.propose(local, 0.5)
