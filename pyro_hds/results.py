@@ -397,9 +397,12 @@ class FitResult:
             less.
         :returns: a :class:`Posterior` whose draws are ``num_chains`` chains one after another
             (``num_chains`` set), with ``diagnostics``: ``acceptance`` and ``step_size`` per
-            global and group site, ``local_acceptance`` and ``local_step_factor`` of the
-            locals' random walk, ``local_move_rate`` (the share of individuals whose locals
-            the importance step changed per sweep; None without it). Its ``pareto_k``, ``ess`` and
+            global and group site (a group site of at most 16 groups moves, and adapts its
+            steps, one group at a time), ``local_acceptance`` and ``local_step_factor`` of the
+            locals' random walk, ``local_covariance`` (whether the walk switched to each
+            individual's covariance learned in warm-up: with ``warmup >= 20``),
+            ``local_move_rate`` (the share of individuals whose locals the importance step
+            changed per sweep; None without it). Its ``pareto_k``, ``ess`` and
             ``inner_bound`` describe the weights of the importance steps, the current particle
             included.
         """
