@@ -55,8 +55,7 @@ Cost per sweep: one pass with :math:`C K N` ODE solves for the importance step a
 with :math:`C N` per outer site and per local random-walk step. The passes of step 1 run under
 :func:`pyro_hds.ode.reuse_solutions`: when the ODE parameters are the individuals' locals (a
 centred hierarchy), a move of an outer site leaves them as they were, and only the first of
-these passes solves. The chains are vectorized like
-the particles of :class:`IWAE`.
+these passes solves. The chains are vectorized like the particles of :class:`IWAE`.
 """
 
 from __future__ import annotations
