@@ -25,6 +25,14 @@ local latents :math:`z_i`. One sweep:
    latent fixed: one ODE solve per individual and chain). A group site of at most
    ``ELEMENTWISE_GROUPS`` groups moves one group at a time, each with its own step size:
    a joint step in several groups' values is accepted less often the more groups it moves.
+
+   During warm-up every move is its own pass, and each move records its *footprint*: the
+   model sites whose log-density terms it changed. After warm-up, moves whose footprints are
+   pairwise disjoint (say a population mean whose only children are one local site, and the
+   noise scale whose only child is the likelihood) share one pass: they propose together and
+   each is accepted on the change of its own footprint's terms. Such moves commute (the
+   joint density factorizes over them), so this is the same kernel as one after another.
+   A pass in which a site outside every footprint changes stops the run with an error.
 2. **Locals, random walk** (``local_steps`` times), all individuals at once: given the outer
    sites the target factorizes over individuals, so every individual's proposal
    :math:`u_i' = u_i + a\, \mathrm{sd}_q(u_i) \odot \varepsilon` (all its local sites
@@ -78,6 +86,7 @@ __all__ = ["particle_gibbs"]
 TARGET_ACCEPT = 0.35
 START_PARTICLES = 16
 ELEMENTWISE_GROUPS = 16  # group sites with at most this many groups move group by group
+MIN_WARMUP_TO_GROUP = 10  # warm-up sweeps that record footprints before moves are grouped
 
 
 def _latent(site: dict) -> bool:
@@ -167,34 +176,72 @@ class _Passes:
         return weights
 
 
+def _site_terms(weights: LogWeights, chosen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The model's log-density terms of a pass, site by site, at particle ``chosen`` ``(C, N)``
+    of every individual (particle 0 when None), in float64 (sums over many individuals:
+    float32 would blur a Metropolis ratio): ``(C,)`` for a site outside the individuals plate,
+    ``(C, N)`` for one inside it. ``"_failed_local"`` ``(C, N)`` and ``"_failed_outer"``
+    ``(C,)`` are ``-inf`` where an ODE solve failed (0 elsewhere)."""
+    out: dict[str, torch.Tensor] = {}
+    index = None if chosen is None else chosen[:, None, :]
+    for kind, name, term in weights.contributions:
+        if kind != "model":
+            continue
+        term = term.double()
+        if term.dim() == 3:
+            out[name] = (term[:, :1] if index is None else term.gather(1, index))[:, 0]
+        else:
+            out[name] = term
+    at = (weights.local[:, :1] if index is None else weights.local.gather(1, index))[:, 0]
+    zero = torch.zeros((), dtype=torch.float64, device=at.device)
+    out["_failed_local"] = torch.where(torch.isneginf(at), -math.inf, zero).expand(at.shape)
+    failed = torch.isneginf(weights.global_terms)
+    out["_failed_outer"] = torch.where(failed, -math.inf, zero).expand(failed.shape)
+    return out
+
+
+def _totals(terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C,)`` the sum of the terms outside the individuals plate and ``(C, N)`` each
+    individual's log p(y_i, z_i | theta)."""
+    outer = sum(t for t in terms.values() if t.dim() == 1)
+    local = sum(t for t in terms.values() if t.dim() == 2)
+    assert isinstance(outer, torch.Tensor) and isinstance(local, torch.Tensor)
+    return outer, local
+
+
 def _model_terms(
     weights: LogWeights, chosen: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's log-density terms of a pass at particle ``chosen`` ``(C, N)`` of every
-    individual (particle 0 when None), in float64: ``(C,)`` the terms outside the individuals
-    plate and ``(C, N)`` each individual's log p(y_i, z_i | theta). A failed ODE solve makes
-    its individual's term ``-inf`` (a failure outside the plate, its chain's)."""
-    outer: torch.Tensor | None = None
-    local: torch.Tensor | None = None
-    index = None if chosen is None else chosen[:, None, :]
-    for kind, _, term in weights.contributions:
-        if kind != "model":
-            continue
-        term = term.double()  # sums over many individuals: float32 would blur the MH ratio
-        if term.dim() == 3:
-            picked = (term[:, :1] if index is None else term.gather(1, index))[:, 0]
-            local = picked if local is None else local + picked
+    """:func:`_totals` of :func:`_site_terms`."""
+    return _totals(_site_terms(weights, chosen))
+
+
+def _changed(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether any value differs (NaN equal to NaN, -inf to -inf)."""
+    same = (new == old) | (torch.isnan(new) & torch.isnan(old))
+    return not bool(same.all())
+
+
+def _summed(x: torch.Tensor) -> torch.Tensor:
+    """``(C,)``: a term summed over its individuals, if it has them."""
+    return x if x.dim() == 1 else x.sum(-1)
+
+
+def _group_blocks(footprints: list[set[str]]) -> list[list[int]]:
+    """Greedy grouping, in order, of blocks whose footprints (the model sites whose terms their
+    moves change) are pairwise disjoint: such moves commute, and one pass serves them all."""
+    groups: list[list[int]] = []
+    covered: list[set[str]] = []
+    for b, fp in enumerate(footprints):
+        for group, sites in zip(groups, covered, strict=True):
+            if not sites & fp:
+                group.append(b)
+                sites |= fp
+                break
         else:
-            outer = term if outer is None else outer + term
-    at = (weights.local[:, :1] if index is None else weights.local.gather(1, index))[:, 0]
-    if outer is None:
-        outer = torch.zeros(at.shape[0], dtype=torch.float64, device=at.device)
-    if local is None:
-        local = torch.zeros(at.shape, dtype=torch.float64, device=at.device)
-    local = torch.where(torch.isneginf(at), local.new_full((), -math.inf), local)
-    failed = torch.isneginf(weights.global_terms)
-    outer = torch.where(failed, outer.new_full((), -math.inf), outer)
-    return outer, local
+            groups.append([b])
+            covered.append(set(fp))
+    return groups
 
 
 def particle_gibbs(
@@ -290,7 +337,12 @@ def particle_gibbs(
         local = {
             name: _pick(first.guide_trace.nodes[name]["value"], chosen) for name in local_names
         }
-        outer_lp, local_lp = _model_terms(passes.run(1, outer, local, model_only=True))
+        terms = _site_terms(passes.run(1, outer, local, model_only=True))
+        local_shape = _totals(terms)[1].shape
+        device = terms["_failed_local"].device
+        nblocks = len(outer_blocks)
+        footprints: list[set[str]] = [set() for _ in range(nblocks)]
+        groups = [[i] for i in range(nblocks)]
 
         accepted = {name: 0.0 for name in outer_names}
         local_accepted = moved = 0.0
@@ -303,38 +355,60 @@ def particle_gibbs(
         try:
             for sweep in range(warmup + kept):
                 gain = 1.0 / math.sqrt(sweep + 1.0)
-                # 1. the globals and group latents, one site at a time
-                for name, mask in outer_blocks:
-                    value = outer[name]
-                    step = log_step[name].exp()
-                    u, proposal, u_new = _propose(
-                        transforms[name], value, step if mask is None else step * mask
-                    )
-                    if mask is not None:  # the other groups' values stay exactly as they were
-                        proposal = torch.where(mask, proposal, value)
-                    new_outer, new_local = _model_terms(
-                        passes.run(1, {**outer, name: proposal}, local, model_only=True)
-                    )
-                    log_alpha = (
-                        new_outer
-                        + new_local.sum(-1)
-                        - outer_lp
-                        - local_lp.sum(-1)
-                        + _ladj(transforms[name], u_new, proposal).sum(-1)
-                        - _ladj(transforms[name], u, value).sum(-1)
-                    )
-                    accept = _accept(log_alpha)
-                    outer[name] = _where(accept, proposal, value)
-                    outer_lp = torch.where(accept, new_outer, outer_lp)
-                    local_lp = torch.where(accept[:, None], new_local, local_lp)
-                    rate = float(accept.double().mean())
-                    if sweep < warmup:
-                        change = gain * (rate - TARGET_ACCEPT)
-                        log_step[name] = log_step[name] + (
-                            change if mask is None else change * mask
+                # 1. the globals and group latents: block by block during warm-up (which
+                # also records each block's footprint), then in groups of commuting blocks
+                if sweep == warmup and warmup >= MIN_WARMUP_TO_GROUP:
+                    groups = _group_blocks(footprints)
+                for group in groups if sweep >= warmup else [[i] for i in range(nblocks)]:
+                    given = dict(outer)
+                    moves = []
+                    for i in group:
+                        name, mask = outer_blocks[i]
+                        value = outer[name]
+                        step = log_step[name].exp()
+                        u, proposal, u_new = _propose(
+                            transforms[name], value, step if mask is None else step * mask
                         )
-                    else:
-                        accepted[name] += rate / blocks[name]
+                        if mask is not None:  # the other groups' values stay as they were
+                            proposal = torch.where(mask, proposal, value)
+                        given[name] = proposal
+                        ladj = _ladj(transforms[name], u_new, proposal).sum(-1) - _ladj(
+                            transforms[name], u, value
+                        ).sum(-1)
+                        moves.append((i, name, mask, value, proposal, ladj))
+                    new_terms = _site_terms(passes.run(1, given, local, model_only=True))
+                    if len(group) > 1:
+                        touched = set().union(*(footprints[i] for i in group))
+                        strays = [
+                            k
+                            for k in terms
+                            if k not in touched and _changed(new_terms[k], terms[k])
+                        ]
+                        if strays:
+                            raise RuntimeError(
+                                f"gibbs(): moving {[m[1] for m in moves]} together changed the "
+                                f"log-density of {strays}, which none of their moves changed "
+                                "during warm-up; the model's dependencies vary with the values. "
+                                "Report this with the model; a longer warm-up may avoid it."
+                            )
+                    for i, name, mask, value, proposal, ladj in moves:
+                        sites = terms.keys() if len(group) == 1 else footprints[i]
+                        if sweep < warmup:
+                            footprints[i] |= {k for k in terms if _changed(new_terms[k], terms[k])}
+                        log_alpha = ladj + sum(_summed(new_terms[k] - terms[k]) for k in sites)
+                        accept = _accept(log_alpha)
+                        outer[name] = _where(accept, proposal, value)
+                        for k in sites:
+                            at = accept if terms[k].dim() == 1 else accept[:, None]
+                            terms[k] = torch.where(at, new_terms[k], terms[k])
+                        rate = float(accept.double().mean())
+                        if sweep < warmup:
+                            change = gain * (rate - TARGET_ACCEPT)
+                            log_step[name] = log_step[name] + (
+                                change if mask is None else change * mask
+                            )
+                        else:
+                            accepted[name] += rate / blocks[name]
                 # 2. the locals by a random walk, every individual at once: given the globals
                 # the target factorizes over individuals, so each is accepted on its own
                 if walk.learning(sweep):
@@ -344,11 +418,15 @@ def particle_gibbs(
                     log_local_step = math.log(2.38 / math.sqrt(max(1, local_dim)))
                 for _ in range(local_steps):
                     proposals, log_jac = walk.propose(local, math.exp(log_local_step))
-                    _, new_local = _model_terms(passes.run(1, outer, proposals, model_only=True))
+                    new_terms = _site_terms(passes.run(1, outer, proposals, model_only=True))
+                    _, local_lp = _totals(terms)
+                    _, new_local = _totals(new_terms)
                     accept = _accept(new_local - local_lp + log_jac)  # (C, N)
                     for name in local_names:
                         local[name] = _where(accept, proposals[name], local[name])
-                    local_lp = torch.where(accept, new_local, local_lp)
+                    for k in terms:  # terms outside the plate do not depend on the locals
+                        if terms[k].dim() == 2:
+                            terms[k] = torch.where(accept, new_terms[k], terms[k])
                     rate = float(accept.double().mean())
                     if sweep < warmup:
                         log_local_step += gain * (rate - TARGET_ACCEPT)
@@ -363,12 +441,12 @@ def particle_gibbs(
                         name: _pick(weights.guide_trace.nodes[name]["value"], chosen)
                         for name in local_names
                     }
-                    outer_lp, local_lp = _model_terms(weights, chosen)
+                    terms = _site_terms(weights, chosen)
                     if sweep >= warmup:
                         moved += float((chosen != 0).double().mean())
                 elif sweep >= warmup:  # no importance step: a pass at the state to record
                     weights = passes.run(1, outer, local)
-                    chosen = torch.zeros_like(local_lp, dtype=torch.long)
+                    chosen = torch.zeros(local_shape, dtype=torch.long, device=device)
                 if sweep >= warmup:
                     records.append(record(weights, chosen))
                 if bar is not None:
@@ -387,6 +465,7 @@ def particle_gibbs(
         "warmup": warmup,
         "num_particles": num_particles,
         "local_steps": local_steps,
+        "outer_groups": [[_block_name(outer_blocks[i]) for i in group] for group in groups],
     }
     return records, diagnostics
 
@@ -477,6 +556,12 @@ class _LocalWalk:
             log_jac = log_jac + _ladj(self.transforms[name], u_new, proposal)
             log_jac = log_jac - _ladj(self.transforms[name], u_site, value)
         return proposals, log_jac
+
+
+def _block_name(block: tuple[str, torch.Tensor | None]) -> str:
+    """``site`` or ``site[g]`` for a block that moves group ``g`` alone."""
+    name, mask = block
+    return name if mask is None else f"{name}[{int(mask.reshape(-1).nonzero()[0])}]"
 
 
 def _pick(value: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

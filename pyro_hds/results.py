@@ -402,7 +402,8 @@ class FitResult:
             locals' random walk, ``local_covariance`` (whether the walk switched to each
             individual's covariance learned in warm-up: with ``warmup >= 20``),
             ``local_move_rate`` (the share of individuals whose locals the importance step
-            changed per sweep; None without it). Its ``pareto_k``, ``ess`` and
+            changed per sweep; None without it), ``outer_groups`` (the moves that share a
+            pass after warm-up, see :mod:`pyro_hds.gibbs`). Its ``pareto_k``, ``ess`` and
             ``inner_bound`` describe the weights of the importance steps, the current particle
             included.
         """

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from test_objectives import SG, SY, SZ, TAU, G, N, T, make_data, make_rough_guide, model
@@ -45,6 +47,25 @@ def exact_posterior(data) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt()
 
 
+def assert_exact(post, suffix: str, mean: torch.Tensor, sd: torch.Tensor) -> None:
+    """The chains' (mu, g, z) + ``suffix`` against the exact posterior ``mean`` and ``sd``.
+
+    The Monte Carlo standard error of a mean is sd / sqrt(ESS): with ESS >= 400 (checked),
+    0.25 posterior SD is at least 5 standard errors; the SD's relative standard error is
+    1 / sqrt(2 ESS) <= 3.5%, so 12% is more than 3 of them."""
+    import arviz_stats
+
+    names = ("mu" + suffix, "g" + suffix, "z" + suffix)
+    draws = torch.cat([post.samples[n].reshape(post.samples[n].shape[0], -1) for n in names], 1)
+    draws = draws.double()
+    chains = draws.numpy().reshape(post.num_chains, -1, draws.shape[1])
+    ess = np.asarray(arviz_stats.ess(chains, method="bulk"))
+    assert ess.min() >= 400, (suffix, ess)
+    z_err = (draws.mean(0) - mean) / sd
+    assert z_err.abs().max() < 0.25, (suffix, z_err)
+    torch.testing.assert_close(draws.std(0), sd, rtol=0.12, atol=0)
+
+
 @pytest.fixture(scope="module")
 def biased():
     """Data, exact posterior, and a FitResult whose guide puts mu 3 posterior SDs too high."""
@@ -60,7 +81,6 @@ def biased():
     ids=["walk+importance", "importance", "walk"],
 )
 def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased, num_particles, local_steps):
-    import arviz_stats
 
     _, mean, sd, result = biased
     post = result.gibbs(
@@ -73,18 +93,7 @@ def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased, num_part
         progress=False,
     )
     assert post.num_chains == 8 and post.samples["mu"].shape == (12000,)
-    draws = torch.cat(
-        [post.samples["mu"][:, None], post.samples["g"], post.samples["z"]], dim=1
-    ).double()
-    # the Monte Carlo standard error of a mean is sd / sqrt(ESS): with ESS >= 400 (checked),
-    # 0.25 posterior SD is at least 5 standard errors; the SD's relative standard error is
-    # 1 / sqrt(2 ESS) <= 3.5%, so 12% is more than 3 of them
-    chains = draws.numpy().reshape(8, 1500, -1)
-    ess = np.asarray(arviz_stats.ess(chains, method="bulk"))
-    assert ess.min() >= 400, ess
-    z_err = (draws.mean(0) - mean) / sd
-    assert z_err.abs().max() < 0.25, z_err
-    torch.testing.assert_close(draws.std(0), sd, rtol=0.12, atol=0)
+    assert_exact(post, "", mean, sd)
 
     # the importance-resampled draws keep the guide's globals: mu is 3 SDs off (by
     # construction), which is what the chains corrected
@@ -275,3 +284,80 @@ def test_local_walk_learns_each_individuals_covariance():
     torch.testing.assert_close(step_cov, 0.25 * learned, rtol=0.1, atol=0.01)
     # log |det J| of exp at u' minus at u = 0: the sum of the steps
     torch.testing.assert_close(log_jac, du.sum(-1), rtol=1e-5, atol=1e-4)
+
+
+def test_group_blocks_joins_moves_with_disjoint_footprints():
+    from pyro_hds.gibbs import _group_blocks
+
+    footprints = [{"a", "x"}, {"b", "c"}, {"c", "x"}, {"d", "y"}, {"e", "c"}, {"f"}]
+    assert _group_blocks(footprints) == [[0, 1, 3, 5], [2], [4]]
+
+
+def twin_model(data):
+    """Two independent copies of the conjugate hierarchy (the second on ``data.y2``): the
+    moves of one copy's outer sites never change the other's terms, so gibbs groups them."""
+    groups = pyro.plate("groups", G, dim=-1)
+    individuals = pyro.plate("individuals", data.total_size, subsample=data.indices, dim=-1)
+    for suffix, y in (("", data.y), ("2", data.y2)):
+        mu = pyro.sample("mu" + suffix, dist.Normal(0.0, TAU))
+        with groups:
+            g = pyro.sample("g" + suffix, dist.Normal(mu, SG))
+        with individuals:
+            z = pyro.sample("z" + suffix, dist.Normal(g[..., data.groups], SZ))
+            pyro.sample("y" + suffix, dist.Normal(z.unsqueeze(-1), SY).to_event(1), obs=y)
+
+
+def twin_guide(data):
+    """make_rough_guide's default guide, for each copy."""
+    theta = torch.tensor([0.3, -0.5, 0.2, 0.8, -0.6])
+    groups = pyro.plate("groups", G, dim=-1)
+    individuals = pyro.plate("individuals", data.total_size, subsample=data.indices, dim=-1)
+    for suffix, y in (("", data.y), ("2", data.y2)):
+        mu = pyro.sample("mu" + suffix, dist.Normal(theta[0], theta[1].exp()))
+        with groups:
+            pyro.sample("g" + suffix, dist.Normal(mu + theta[2], 0.4))
+        with individuals:
+            pyro.sample("z" + suffix, dist.Normal(theta[3] * y.mean(-1), theta[4].exp()))
+
+
+def test_gibbs_grouped_moves_recover_the_exact_posterior():
+    from types import SimpleNamespace
+
+    first, second = make_data(1), make_data(2)
+    data = SimpleNamespace(**vars(first), y2=second.y)
+    result = FitResult(twin_model, twin_guide, data)
+    post = result.gibbs(
+        num_samples=12000,
+        num_chains=8,
+        warmup=200,
+        num_particles=1,
+        local_steps=3,
+        seed=0,
+        progress=False,
+    )
+    groups = post.diagnostics["outer_groups"]
+    # model order: mu, g[0..2], mu2, g2[0..2]; each copy's block pairs with the other copy's
+    assert groups == [["mu", "mu2"], ["g[0]", "g2[0]"], ["g[1]", "g2[1]"], ["g[2]", "g2[2]"]]
+    for suffix, part in (("", first), ("2", second)):
+        assert_exact(post, suffix, *exact_posterior(part))
+
+
+def test_gibbs_groups_the_pk_models_commuting_moves():
+    _, result = short_pk_fit(per_group=3, seed=5, num_steps=10)
+    post = result.gibbs(
+        num_samples=8,
+        num_chains=2,
+        warmup=12,
+        num_particles=1,
+        local_steps=2,
+        seed=0,
+        progress=False,
+    )
+    # centred: a population mean's move changes only its own prior term and its children's
+    assert post.diagnostics["outer_groups"] == [
+        ["ka_pop", "cl_pop", "v_pop", "sigma"],
+        ["group_sd", "omega"],
+        ["cl_group[0]"],
+        ["cl_group[1]"],
+        ["cl_group[2]"],
+    ]
