@@ -136,7 +136,7 @@ class _Passes:
         G or 1, *event)``) replace the guide's draws of those sites; ``local`` values
         (``(C, 1, N, *event)``) replace particle 0 of those sites. ``model_only``: the
         weights hold the model's terms alone (the guide's log-densities are not evaluated),
-        enough for :func:`_model_terms`."""
+        enough for :func:`_site_terms`."""
         iw = self.objective(k)
         given = set(outer or ()) | set(local or ())
         if k == 1 and self._template is not None and given >= self._template_sites:
@@ -207,13 +207,6 @@ def _totals(terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     local = sum(t for t in terms.values() if t.dim() == 2)
     assert isinstance(outer, torch.Tensor) and isinstance(local, torch.Tensor)
     return outer, local
-
-
-def _model_terms(
-    weights: LogWeights, chosen: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_totals` of :func:`_site_terms`."""
-    return _totals(_site_terms(weights, chosen))
 
 
 def _changed(new: torch.Tensor, old: torch.Tensor) -> bool:
@@ -321,9 +314,10 @@ def particle_gibbs(
                     one = torch.zeros(g, dtype=torch.bool, device=spread[name].device)
                     one[j] = True
                     outer_blocks.append((name, one.reshape(shape)))
+                blocks[name] = g
             else:
                 outer_blocks.append((name, None))
-            blocks[name] = max(1, sum(1 for n, _ in outer_blocks if n == name))
+                blocks[name] = 1
         outer = {
             name: first.guide_trace.nodes[name]["value"][:, :1].clone() for name in outer_names
         }
