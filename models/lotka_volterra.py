@@ -44,12 +44,11 @@ def rhs(t: torch.Tensor, y: torch.Tensor, params: Mapping[str, torch.Tensor]) ->
     Returns:
         ``(..., 2)`` tensor ``(alpha x - beta x z, delta x z - gamma z)``.
     """
-    x = y[..., 0]
-    z = y[..., 1]
+    x, z = y.movedim(-1, 0).unbind(0)  # state-major reads and writes (see pyro_hds.ode)
     xz = x * z
     dx = params["alpha"] * x - params["beta"] * xz
     dz = params["delta"] * xz - params["gamma"] * z
-    return torch.stack(torch.broadcast_tensors(dx, dz), dim=-1)
+    return torch.stack(torch.broadcast_tensors(dx, dz), 0).movedim(0, -1)
 
 
 def conserved_quantity(y: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -58,8 +58,11 @@ DOSE_AMOUNT = 100.0
 def rhs(t: torch.Tensor, y: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """dy/dt for y = (A_g, A_c) of shape (..., 2); params ka, cl, v of batch shape (...)."""
     ka, k = params["ka"], params["cl"] / params["v"]
-    gut, central = y[..., 0], y[..., 1]
-    return torch.stack([-ka * gut, ka * gut - k * central], dim=-1)
+    # state-major (see pyro_hds.ode): read each state as a leading slice and stack the
+    # derivatives along a new first dim, so no evaluation interleaves (B, 2) memory
+    gut, central = y.movedim(-1, 0).unbind(0)
+    terms = torch.broadcast_tensors(-ka * gut, ka * gut - k * central)
+    return torch.stack(terms, 0).movedim(0, -1)
 
 
 def concentration(t, ka, cl, v, dose_times, dose_amounts) -> torch.Tensor:

@@ -20,6 +20,10 @@ Speed on large batches: read the states with ``y.movedim(-1, 0).unbind(0)`` and 
 state's ``B`` values contiguous) and no evaluation interleaves or de-interleaves ``(B, S)``
 memory, forward or backward; with ``y[..., i]`` and ``torch.stack(terms, -1)`` that
 interleaving cost a third of each evaluation of the double-receiver model at ``B = 7200``.
+With ``compile=True`` it matters more: the compiled step of a row-major rhs stores each
+stage's derivative interleaved, in loops that do not vectorize, and a solve of the
+pharmacokinetic model (``models/pk_oral.py``, 4000 systems, 16 grid intervals, no gradient)
+took 12-16 ms against 6.5-7 ms state-major.
 
 Doses (:class:`~pyro_hds.Doses`, ``(..., M)``) add ``amount`` to state ``target`` at their
 times; an observation at a dose time is the pre-dose value. Piecewise-constant inputs
