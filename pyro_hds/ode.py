@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ import pyro.distributions as dist
 import torch
 
 from pyro_hds.solvers import Dopri5, PiecewiseConstant, Solution, Solver, Status, get_solver
-from pyro_hds.solvers._base import build_schedule
+from pyro_hds.solvers._base import Schedule, build_schedule
 from pyro_hds.solvers._integrate import FusedRhs, integrate_dopri5, integrate_fixed
 
 __all__ = ["ode", "solve"]
@@ -69,6 +70,115 @@ def _unravel(i: int, shape: torch.Size) -> tuple[int, ...]:
         out.append(i % s)
         i //= s
     return tuple(reversed(out))
+
+
+# the merged grids of recent solves (see _grid_key): key -> (its tensors, _merged_grid's result)
+_GRIDS: OrderedDict[tuple, tuple[tuple[torch.Tensor, ...], Any]] = OrderedDict()
+GRID_CACHE_SIZE = 16
+
+
+def _grid_key(times, t0, doses, inputs, batch, dtype, device, s) -> tuple[tuple, tuple] | None:
+    """What the merged grid of a solve depends on: the identity and version counter of the
+    tensors that make it (times, doses, breakpoints, a tensor t0), a number t0, the batch
+    shape, dtype, device and number of states; with the tensors themselves. A model that
+    passes the same data tensors on every call (``data.times``, ``data.doses``) gets its
+    grid merged and checked once; an in-place change of them bumps their version and makes
+    a new key. None (no reuse) when any of them needs a gradient or is not a tensor."""
+    tensors = [times]
+    if doses is not None:
+        tensors += [doses.times, doses.amounts, doses.targets]
+    if isinstance(inputs, PiecewiseConstant):
+        tensors.append(inputs.breakpoints)
+    number = t0
+    if isinstance(t0, torch.Tensor):
+        tensors.append(t0)
+        number = None
+    elif t0 is not None and not isinstance(t0, (int, float)):
+        return None
+    if not all(isinstance(x, torch.Tensor) for x in tensors):
+        return None
+    if any(x.requires_grad or x.is_inference() for x in tensors):
+        return None
+    ids = tuple((id(x), x._version) for x in tensors)
+    return (ids, number, tuple(batch), dtype, str(device), s), tuple(tensors)
+
+
+def _merged_grid(
+    times: torch.Tensor,
+    t0: Any,
+    doses: Any,
+    inputs: Any,
+    batch: torch.Size,
+    dtype: torch.dtype,
+    device: torch.device,
+    s: int,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor, Schedule, bool]:
+    """The checked flat times ``tf`` ``(G, T)`` and start times ``t0f`` ``(G,)`` of the
+    ``G`` distinct grids (1 for a shared grid), the merged schedule of the flat ``batch``
+    and whether the grid is per element."""
+    t_len = times.shape[-1]
+    per_element_grid = times.dim() > 1 or doses is not None or isinstance(inputs, PiecewiseConstant)
+    t0_tensor = None if t0 is None else torch.as_tensor(t0, dtype=dtype, device=device)
+    if t0_tensor is not None and t0_tensor.dim() > 0:
+        per_element_grid = True
+    # the grid (observation times, doses, breakpoints, t0) is merged once per distinct grid
+    # batch element, then broadcast over the particle and individual dims it lacks
+    grid_batch = torch.Size()
+    if per_element_grid:
+        grid_shapes = [times.shape[:-1]]
+        if doses is not None:
+            grid_shapes.append(doses.times.shape[:-1])
+        if isinstance(inputs, PiecewiseConstant):
+            grid_shapes.append(inputs.batch_shape)
+        if t0_tensor is not None and t0_tensor.dim() > 0:
+            grid_shapes.append(t0_tensor.shape)
+        grid_batch = torch.broadcast_shapes(*grid_shapes)
+        tf = times.expand(*grid_batch, t_len).reshape(-1, t_len)
+    else:
+        tf = times.reshape(1, t_len)
+    diffs = tf[:, 1:] - tf[:, :-1]
+    if bool((diffs < 0).any()):
+        i, j = (int(v) for v in (diffs < 0).nonzero()[0])
+        where = f"element {_unravel(i, grid_batch)}" if tf.shape[0] > 1 else "the shared grid"
+        raise ValueError(
+            f"ode({name!r}): times are not sorted for {where}: {float(tf[i, j + 1])} after "
+            f"{float(tf[i, j])} (index {j + 1}); sort them"
+        )
+    if not bool(torch.isfinite(tf).all()):
+        raise ValueError(f"ode({name!r}): times must be finite")
+    if t0_tensor is None:
+        t0f = tf[:, 0]
+    else:
+        t0f = t0_tensor.expand(grid_batch).reshape(-1) if per_element_grid else t0_tensor.reshape(1)
+        early = tf[:, 0] < t0f
+        if bool(early.any()):
+            i = int(early.nonzero()[0])
+            raise ValueError(
+                f"ode({name!r}): time {float(tf[i, 0])} is before t0 = {float(t0f[i])}; the "
+                "solution starts at t0"
+            )
+
+    breakpoints = None
+    if isinstance(inputs, PiecewiseConstant):
+        breakpoints = inputs.flat(grid_batch).breakpoints.to(device=device, dtype=dtype)
+
+    def per_grid(x: torch.Tensor) -> torch.Tensor:
+        return x.expand(*grid_batch, x.shape[-1]).reshape(-1, x.shape[-1])
+
+    sched = build_schedule(
+        tf,
+        t0f,
+        None if doses is None else per_grid(doses.times.to(dtype)),
+        None if doses is None else per_grid(doses.amounts.to(dtype)),
+        None if doses is None else per_grid(doses.targets).long(),
+        breakpoints,
+        num_states=s,
+        name=name,
+    )
+    if per_element_grid:
+        sched = sched.expand(grid_batch, batch)
+    return tf, t0f, sched, per_element_grid
 
 
 def solve(
@@ -96,6 +206,7 @@ def solve(
         only (not to tensors the rhs closes over).
     """
     solver = get_solver(solver)
+    times_arg = times  # the caller's object: what a reusable merged grid is keyed on
     if getattr(solver, "compile", False):
         if adjoint:
             raise ValueError(
@@ -160,48 +271,24 @@ def solve(
         event = value.shape[value.dim() - ed :]
         pf[key] = value.to(dtype).expand(torch.Size([*batch, *event])).reshape(b, *event)
 
-    per_element_grid = times.dim() > 1 or doses is not None or isinstance(inputs, PiecewiseConstant)
-    t0_tensor = None if t0 is None else torch.as_tensor(t0, dtype=dtype, device=y0.device)
-    if t0_tensor is not None and t0_tensor.dim() > 0:
-        per_element_grid = True
-    # the grid (observation times, doses, breakpoints, t0) is merged once per distinct grid
-    # batch element, then broadcast over the particle and individual dims it lacks
-    grid_batch = torch.Size()
-    if per_element_grid:
-        grid_shapes = [times.shape[:-1]]
-        if doses is not None:
-            grid_shapes.append(doses.times.shape[:-1])
-        if isinstance(inputs, PiecewiseConstant):
-            grid_shapes.append(inputs.batch_shape)
-        if t0_tensor is not None and t0_tensor.dim() > 0:
-            grid_shapes.append(t0_tensor.shape)
-        grid_batch = torch.broadcast_shapes(*grid_shapes)
-        tf = times.expand(*grid_batch, t_len).reshape(-1, t_len)
+    cache_key = _grid_key(times_arg, t0, doses, inputs, batch, dtype, y0.device, s)
+    cached = _GRIDS.get(cache_key[0]) if cache_key is not None else None
+    if (
+        cached is not None
+        and cache_key is not None
+        and all(x is y for x, y in zip(cached[0], cache_key[1], strict=True))
+    ):
+        _GRIDS.move_to_end(cache_key[0])
+        tf, t0f, sched, per_element_grid = cached[1]
     else:
-        tf = times.reshape(1, t_len)
-    diffs = tf[:, 1:] - tf[:, :-1]
-    if bool((diffs < 0).any()):
-        i, j = (int(v) for v in (diffs < 0).nonzero()[0])
-        where = f"element {_unravel(i, grid_batch)}" if tf.shape[0] > 1 else "the shared grid"
-        raise ValueError(
-            f"ode({name!r}): times are not sorted for {where}: {float(tf[i, j + 1])} after "
-            f"{float(tf[i, j])} (index {j + 1}); sort them"
+        tf, t0f, sched, per_element_grid = _merged_grid(
+            times, t0, doses, inputs, batch, dtype, y0.device, s, name
         )
-    if not bool(torch.isfinite(tf).all()):
-        raise ValueError(f"ode({name!r}): times must be finite")
-    if t0_tensor is None:
-        t0f = tf[:, 0]
-    else:
-        t0f = t0_tensor.expand(grid_batch).reshape(-1) if per_element_grid else t0_tensor.reshape(1)
-        early = tf[:, 0] < t0f
-        if bool(early.any()):
-            i = int(early.nonzero()[0])
-            raise ValueError(
-                f"ode({name!r}): time {float(tf[i, 0])} is before t0 = {float(t0f[i])}; the "
-                "solution starts at t0"
-            )
+        if cache_key is not None:
+            _GRIDS[cache_key[0]] = (cache_key[1], (tf, t0f, sched, per_element_grid))
+            while len(_GRIDS) > GRID_CACHE_SIZE:
+                _GRIDS.popitem(last=False)
 
-    breakpoints = None
     flat_inputs: Any = None
     if isinstance(inputs, PiecewiseConstant):
         flat_inputs = inputs.flat(batch)
@@ -209,7 +296,6 @@ def solve(
             flat_inputs.breakpoints.to(device=y0.device, dtype=dtype),
             flat_inputs.values.to(device=y0.device, dtype=dtype),
         )
-        breakpoints = inputs.flat(grid_batch).breakpoints.to(device=y0.device, dtype=dtype)
     elif inputs is not None:
         if not callable(inputs):
             raise ValueError(
@@ -227,22 +313,6 @@ def solve(
             u = user_u(full_t)
             u = u.expand(*batch, u.shape[-1]).reshape(b, -1)
             return u if idx is None else u.index_select(0, idx)
-
-    def per_grid(x: torch.Tensor) -> torch.Tensor:
-        return x.expand(*grid_batch, x.shape[-1]).reshape(-1, x.shape[-1])
-
-    sched = build_schedule(
-        tf,
-        t0f,
-        None if doses is None else per_grid(doses.times.to(dtype)),
-        None if doses is None else per_grid(doses.amounts.to(dtype)),
-        None if doses is None else per_grid(doses.targets).long(),
-        breakpoints,
-        num_states=s,
-        name=name,
-    )
-    if per_element_grid:
-        sched = sched.expand(grid_batch, batch)
 
     checked = [False]
     piecewise = isinstance(flat_inputs, PiecewiseConstant)

@@ -507,3 +507,65 @@ def test_reuse_solutions_returns_the_previous_solution_only_for_equal_inputs(mon
         run(params)
         run(params)
     assert len(calls) == 7
+
+
+# tolerances: h^order with h = 0.25 / substeps, the order of the methods' global error
+@pytest.mark.parametrize(
+    "solver, tol", [(RK4(substeps=4), 0.0625**4), (Heun(substeps=8), 0.03125**2)]
+)
+def test_an_interval_of_length_zero_is_skipped(solver, tol):
+    # dy/dt = -1 / (2 y) is singular at y0 = 0; a dose of 1 at t0 moves the state to 1 before
+    # any time passes, and y(t) = sqrt(1 - t). A step of size 0 from y0 would compute
+    # 0 * inf = NaN and fail the element; the zero-length interval to the dose is skipped
+    def rhs(t, y, p):
+        return -0.5 / y
+
+    times = torch.tensor([0.0, 0.25, 0.5], dtype=torch.float64)
+    doses = Doses(
+        times=torch.tensor([[0.0]], dtype=torch.float64),
+        amounts=torch.tensor([[1.0]], dtype=torch.float64),
+        targets=torch.tensor([[0]]),
+    )
+    sol = solve(rhs, torch.zeros(1, dtype=torch.float64), times, solver=solver, t0=0.0, doses=doses)
+    assert bool(sol.ok.all())
+    # at t = 0 the pre-dose value is observed
+    exact = torch.tensor([0.0, 0.75**0.5, 0.5**0.5], dtype=torch.float64)
+    torch.testing.assert_close(sol.ys[0, :, 0], exact, rtol=0, atol=tol)
+
+
+def test_the_merged_grid_is_reused_until_its_tensors_change():
+    import importlib
+
+    ode_module = importlib.import_module("pyro_hds.ode")
+    data, truth = pk_oral.simulate(per_group=2, seed=3)
+    params = {k: truth[k].clone() for k in ("ka", "cl", "v")}
+    doses = Doses(data.doses.times.clone(), data.doses.amounts.clone(), data.doses.targets)
+    ode_module._GRIDS.clear()
+
+    def run(p, doses=doses):
+        return solve(
+            pk_oral.rhs, torch.zeros(2), data.times, p, solver=RK4(substeps=4), t0=0.0, doses=doses
+        )
+
+    first = run(params)
+    assert len(ode_module._GRIDS) == 1
+    again = run({k: v * 1.0 for k, v in params.items()})
+    assert len(ode_module._GRIDS) == 1 and torch.equal(again.ys, first.ys)
+    # an in-place change of a dose bumps its version: a new grid, and the new dose counts
+    doses.amounts[0, 1] = 0.0
+    changed = run(params)
+    assert len(ode_module._GRIDS) == 2
+    fresh = run(params, doses=Doses(doses.times.clone(), doses.amounts.clone(), doses.targets))
+    torch.testing.assert_close(changed.ys, fresh.ys, rtol=0, atol=0)
+    assert not torch.equal(changed.ys[0], first.ys[0]) and torch.equal(changed.ys[1], first.ys[1])
+    # dose amounts that need a gradient are never cached, and the gradient reaches them
+    amounts = doses.amounts.clone().requires_grad_()
+    before = len(ode_module._GRIDS)
+    for _ in range(2):
+        ys = run(params, doses=Doses(doses.times, amounts, doses.targets)).ys
+        (grad,) = torch.autograd.grad(ys[..., 1].sum(), amounts)
+        assert len(ode_module._GRIDS) == before and bool((grad[0, 0] > 0).all())
+    # the cache keeps at most GRID_CACHE_SIZE grids
+    for i in range(ode_module.GRID_CACHE_SIZE + 3):
+        run(params, doses=Doses(doses.times.clone(), doses.amounts + i, doses.targets))
+    assert len(ode_module._GRIDS) == ode_module.GRID_CACHE_SIZE

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -98,6 +99,10 @@ class Schedule:
     :ivar has_jumps: whether any dose has a non-zero amount.
     :ivar obs_only: the grid holds the observation times only (no doses or breakpoints), so
         ``obs_index`` is ``arange(T)`` for every element.
+
+    A schedule is never modified after it is built: :func:`pyro_hds.solve` reuses the one of
+    an earlier solve with the same grid, and what is derived from it (:meth:`column_jumps`,
+    :meth:`zero_length`) is computed once.
     """
 
     t0: torch.Tensor
@@ -108,6 +113,7 @@ class Schedule:
     obs_index: torch.Tensor
     has_jumps: bool
     obs_only: bool = False
+    _derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def apply_jumps(
         self,
@@ -157,6 +163,9 @@ class Schedule:
         together (the fixed-step loop) adds there, without gathering at the other positions."""
         if not self.has_jumps:
             return {}
+        key = ("column_jumps", num_states, dtype)
+        if key in self._derived:
+            return self._derived[key]
         dosed = (self.kind == DOSE) & (self.amount != 0)
         columns = dosed.any(0).nonzero().flatten().tolist()
         out = {}
@@ -164,7 +173,18 @@ class Schedule:
             amount = torch.where(dosed[:, p], self.amount[:, p], self.amount.new_zeros(()))
             onehot = torch.nn.functional.one_hot(self.target[:, p], num_states).to(dtype)
             out[p] = amount.to(dtype)[:, None] * onehot
+        self._derived[key] = out
         return out
+
+    def zero_length(self) -> list[bool]:
+        """Per grid position ``p``, whether every element reaches it with no time to go: its
+        previous point (``t0`` for the first) is at the same time, as for a dose at ``t0`` or
+        one at an observation time. A fixed-step solver skips such an interval (its steps of
+        size 0 would return the state unchanged wherever the derivative is finite)."""
+        if "zero_length" not in self._derived:
+            previous = torch.cat([self.t0[:, None], self.points[:, :-1]], 1)
+            self._derived["zero_length"] = (self.points == previous).all(0).tolist()
+        return self._derived["zero_length"]
 
 
 def build_schedule(

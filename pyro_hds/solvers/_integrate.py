@@ -270,6 +270,8 @@ def integrate_fixed(
     With ``fused``, an interval without failed elements is one compiled kernel
     (:func:`_pure_interval`); the first interval runs eagerly when ``y0`` does not require
     grad under grad mode (so that one kernel serves the rest), and checking runs eagerly.
+    An interval of length zero for every element (a dose at ``t0``, a dose at an observation
+    time) is skipped: its state is the previous point's (:meth:`Schedule.zero_length`).
     """
     step = FIXED_METHODS[method]
     b = y0.shape[0]
@@ -286,6 +288,8 @@ def integrate_fixed(
     died_at = torch.full((b,), num_points, dtype=torch.long, device=y0.device)
     hist: list[torch.Tensor] = []
     jumps = sched.column_jumps(y0.shape[-1], y0.dtype)
+    still = sched.zero_length()
+    first = True  # no interval has run yet
 
     def careful(y, t, h, dead):
         for _ in range(substeps):
@@ -303,18 +307,28 @@ def integrate_fixed(
             t = t + h
         return y, dead
 
+    def dosed(y, p):
+        jump = jumps.get(p)
+        if jump is None:
+            return y
+        # a dead element gets no dose (its state stays frozen)
+        return y + (torch.where(dead[:, None], jump.new_zeros(()), jump) if any_dead else jump)
+
     params = kernel = None
     if fused is not None:
         params = _fused_params(fused)
         kernel = _compiled(_pure_interval)
     for p in range(num_points):
         target = points[..., p]
+        if still[p]:  # no time passes: the state is that of the previous point
+            t = target
+            hist.append(y)
+            y = dosed(y, p)
+            continue
         h = float(target - t) / substeps if scalar_h else (target - t) / substeps
         if any_dead:
             y, dead = careful(y, t, h, dead)
-        elif kernel is not None and not (
-            p == 0 and torch.is_grad_enabled() and not y.requires_grad
-        ):
+        elif kernel is not None and not (first and torch.is_grad_enabled() and not y.requires_grad):
             assert fused is not None
             u = None if fused.inputs is None else fused.inputs(t, None)
             y_start = y
@@ -342,13 +356,12 @@ def integrate_fixed(
             if not bool(y.abs().amax() <= limit):
                 y, dead = careful(y_start, t, h, dead)
                 any_dead = bool(dead.any())
+        first = False
         if any_dead:
             died_at = torch.where(dead & (died_at == num_points), p, died_at)
         t = target  # exact arrival
         hist.append(y)
-        jump = jumps.get(p)
-        if jump is not None:  # a dead element gets no dose (its state stays frozen)
-            y = y + (torch.where(dead[:, None], jump.new_zeros(()), jump) if any_dead else jump)
+        y = dosed(y, p)
     obs_index = sched.obs_index.expand(b, -1)
     ys = _gather_outputs(hist, obs_index, identity=sched.obs_only)
     status = torch.where(dead, int(Status.NONFINITE), int(Status.SUCCESS)).long()
