@@ -130,8 +130,8 @@ def test_compile_refuses_what_it_cannot_fuse():
 @pytest.mark.parametrize("method", ["heun", "rk4"])
 def test_compiled_fixed_step_matches_the_eager_loop(method):
     # per-element grids, doses, piecewise-constant inputs and one element whose rhs turns NaN
-    # at t = 1 (that interval is redone eagerly with a check after every step, and the rest
-    # of the solve runs eagerly)
+    # at t = 1 (that interval is redone eagerly with a check after every step, then by the
+    # kernel for the other elements, and the rest of the solve runs the kernel on them)
     torch._dynamo.reset()
     counters.clear()
     k, cut, ts, _, inputs = problem(12)
@@ -216,3 +216,52 @@ def test_compiled_fixed_step_with_several_states(rhs):
     with torch.no_grad():
         solve(rhs, y0, ts, {"w": w[:5], "k": k[:5]}, solver=Heun(substeps=4, compile=True))
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_compiled_fixed_step_solution_does_not_depend_on_another_element_failing():
+    # the same elements solved with and without a diverging neighbour get the same bits (a
+    # Metropolis ratio compares their log-densities across such passes); the batch is big
+    # enough for the kernel's vectorized loops
+    from pyro_hds.models import pk_oral
+
+    gen = torch.Generator().manual_seed(0)
+    n = 300
+    params = {k: torch.exp(0.3 * torch.randn(n, generator=gen)) for k in ("ka", "cl", "v")}
+    params["v"] = params["v"] * 10
+    times = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 24.0])
+    doses = Doses(
+        times=torch.tensor([[0.0, 6.0]]).expand(n, 2),
+        amounts=torch.full((n, 2), 100.0),
+        targets=torch.zeros(n, 2, dtype=torch.long),
+    )
+
+    def run(p, requires_grad=False):
+        p = {k: v.clone().requires_grad_(requires_grad) for k, v in p.items()}
+        sol = solve(
+            pk_oral.rhs,
+            torch.zeros(2),
+            times,
+            p,
+            solver=RK4(substeps=4, compile=True),
+            t0=0.0,
+            doses=doses,
+        )
+        return sol, p
+
+    with torch.no_grad():
+        clean, _ = run(params)
+        broken = dict(params, ka=params["ka"].clone())
+        broken["ka"][7] = 1e30  # diverges in the first interval
+        failed, _ = run(broken)
+    assert bool(clean.ok.all()) and failed.status[7] == Status.NONFINITE
+    others = torch.arange(n) != 7
+    assert int(failed.ok.sum()) == n - 1
+    assert torch.equal(failed.ys[others], clean.ys[others])
+    # and with gradients: the others' values and gradients are those of the clean batch
+    grads = []
+    for p in (params, broken):
+        sol, leaves = run(p, requires_grad=True)
+        (g,) = torch.autograd.grad(sol.ys[others].sum(), leaves["cl"])
+        grads.append((sol.ys[others].detach(), g[others]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-6, atol=1e-6)

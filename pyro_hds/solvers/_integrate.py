@@ -25,6 +25,7 @@ land exactly on each element's next grid point; finished elements stop counting 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -267,9 +268,12 @@ def integrate_fixed(
     Each interval between grid points runs without per-step checks; when its end state holds a
     non-finite value, the interval is run again from its start with a check after every step,
     and the elements that fail are dropped from the computation (see the module docstring).
-    With ``fused``, an interval without failed elements is one compiled kernel
-    (:func:`_pure_interval`); the first interval runs eagerly when ``y0`` does not require
-    grad under grad mode (so that one kernel serves the rest), and checking runs eagerly.
+    With ``fused``, an interval is one compiled kernel (:func:`_pure_interval`) over the
+    elements that have not failed; the first interval runs eagerly when ``y0`` does not
+    require grad under grad mode (so that one kernel serves the rest), and checking runs
+    eagerly. When an interval fails, the checking path finds the failing elements and the
+    kernel computes the others again: the kernel gives an element the same bits in any
+    batch, so an element's solution does not depend on whether others failed.
     An interval of length zero for every element (a dose at ``t0``, a dose at an observation
     time) is skipped: its state is the previous point's (:meth:`Schedule.zero_length`).
     """
@@ -318,6 +322,38 @@ def integrate_fixed(
     if fused is not None:
         params = _fused_params(fused)
         kernel = _compiled(_pure_interval)
+    alive: torch.Tensor | None = None  # the rows still solved, once some failed
+    subset: dict[str, Any] = {"rows": None, "params": params}
+
+    def fused_interval(y, t, h, rows, base=None):
+        """The interval by the compiled kernel for every element, or for the ``rows`` alone
+        (the others keep their state in ``base``, default ``y``, detached); returns the new
+        state and whether it is healthy."""
+        assert fused is not None and kernel is not None
+        if rows is not None:
+            if subset["rows"] is not rows:  # the working set's params, once per working set
+                subset["rows"] = rows
+                subset["params"] = {k: v.index_select(0, rows) for k, v in params.items()}
+            if rows.numel() == 0:
+                return (y if base is None else base).detach(), True
+            t, h, y_in = _take(t, rows), _take(h, rows), y.index_select(0, rows)
+        else:
+            y_in = y
+        u = None if fused.inputs is None else fused.inputs(t, rows)
+        h_t = torch.as_tensor(h, dtype=y.dtype, device=y.device)
+        # t: a grid column (strided), the expanded t0 (stride 0) or a 0-d element of a shared
+        # grid, all views: a copy gives one layout and no base size to specialize on, so one
+        # kernel serves them all. y enters as a contiguous (S, B) tensor and leaves as its
+        # (B, S) transpose, which _gather_outputs stacks without moving values
+        t_in = t.clone(memory_format=torch.contiguous_format)
+        y_sm, top = kernel(
+            method, substeps, fused.rhs, t_in, _state_major_copy(y_in), h_t, subset["params"], u
+        )
+        out = y_sm.t()
+        if rows is not None:
+            out = torch.index_copy((y if base is None else base).detach(), 0, rows, out)
+        return out, bool(top <= limit)
+
     for p in range(num_points):
         target = points[..., p]
         if still[p]:  # no time passes: the state is that of the previous point
@@ -326,26 +362,21 @@ def integrate_fixed(
             y = dosed(y, p)
             continue
         h = float(target - t) / substeps if scalar_h else (target - t) / substeps
-        if any_dead:
-            y, dead = careful(y, t, h, dead)
-        elif kernel is not None and not (first and torch.is_grad_enabled() and not y.requires_grad):
-            assert fused is not None
-            u = None if fused.inputs is None else fused.inputs(t, None)
+        if kernel is not None and not (first and torch.is_grad_enabled() and not y.requires_grad):
             y_start = y
-            h_t = torch.as_tensor(h, dtype=y.dtype, device=y.device)
-            # t: a grid column (strided), the expanded t0 (stride 0) or a 0-d element of a
-            # shared grid, all views: a copy gives one layout and no base size to specialize
-            # on, so one kernel serves them all. y enters as a contiguous (S, B) tensor and
-            # leaves as its (B, S) transpose, which _gather_outputs stacks without moving
-            # values
-            t_in = t.clone(memory_format=torch.contiguous_format)
-            y_sm, top = kernel(
-                method, substeps, fused.rhs, t_in, _state_major_copy(y), h_t, params, u
-            )
-            y = y_sm.t()
-            if not bool(top <= limit):
-                y, dead = careful(y_start, t, h, dead)
+            y, healthy = fused_interval(y_start, t, h, alive)
+            if not healthy:
+                # the checking path finds the elements that fail; the others are computed
+                # again by the kernel, so that no element's values depend on whether another
+                # element of the batch failed (the kernel gives any subset the same bits)
+                y_checked, dead = careful(y_start, t, h, dead)
                 any_dead = bool(dead.any())
+                alive = (~dead).nonzero().flatten() if any_dead else None
+                y, healthy = fused_interval(y_start, t, h, alive, base=y_checked)
+                if not healthy:  # the kernel fails where the checking path did not
+                    y = y_checked
+        elif any_dead:
+            y, dead = careful(y, t, h, dead)
         else:
             y_start, t_cur = y, t
             for _ in range(substeps):
@@ -356,6 +387,7 @@ def integrate_fixed(
             if not bool(y.abs().amax() <= limit):
                 y, dead = careful(y_start, t, h, dead)
                 any_dead = bool(dead.any())
+                alive = (~dead).nonzero().flatten() if any_dead else None
         first = False
         if any_dead:
             died_at = torch.where(dead & (died_at == num_points), p, died_at)
