@@ -26,13 +26,16 @@ local latents :math:`z_i`. One sweep:
    ``ELEMENTWISE_GROUPS`` groups moves one group at a time, each with its own step size:
    a joint step in several groups' values is accepted less often the more groups it moves.
 
-   During warm-up every move is its own pass, and each move records its *footprint*: the
-   model sites whose log-density terms it changed. After warm-up, moves whose footprints are
-   pairwise disjoint (say a population mean whose only children are one local site, and the
-   noise scale whose only child is the likelihood) share one pass: they propose together and
-   each is accepted on the change of its own footprint's terms. Such moves commute (the
-   joint density factorizes over them), so this is the same kernel as one after another.
-   A pass in which a site outside every footprint changes stops the run with an error.
+   In the first sweeps every move is its own pass, and each move records its *footprint*:
+   the elements of the model's log-density terms that it changed (a term per individual for
+   a site in the individuals plate, per group for a group site). With ``warmup >= 10``, from
+   sweep :math:`\max(10, \lfloor\mathrm{warmup}/10\rfloor)` on, moves whose footprints are
+   pairwise disjoint (say a population mean whose only children are one local site, the
+   noise scale whose only child is the likelihood, or two groups' values, each changing its
+   own prior term and its own individuals) share one pass: they propose together and each
+   is accepted on the change of its own footprint's elements. Such moves commute (the joint
+   density factorizes over them), so this is the same kernel as one after another. A pass
+   in which an element outside every footprint changes stops the run with an error.
 2. **Locals, random walk** (``local_steps`` times), all individuals at once: given the outer
    sites the target factorizes over individuals, so every individual's proposal
    :math:`u_i' = u_i + a\, \mathrm{sd}_q(u_i) \odot \varepsilon` (all its local sites
@@ -60,10 +63,13 @@ equal number per chain, every sweep). Chains start from draws of the guide, the 
 importance resampling.
 
 Cost per sweep: one pass with :math:`C K N` ODE solves for the importance step and one pass
-with :math:`C N` per outer site and per local random-walk step. The passes of step 1 run under
-:func:`pyro_hds.ode.reuse_solutions`: when the ODE parameters are the individuals' locals (a
-centred hierarchy), a move of an outer site leaves them as they were, and only the first of
-these passes solves. The chains are vectorized like the particles of :class:`IWAE`.
+with :math:`C N` per group of outer moves and per local random-walk step. The passes of step
+1 run under :func:`pyro_hds.ode.reuse_solutions`: when the ODE parameters are the
+individuals' locals (a centred hierarchy), a move of an outer site leaves them as they were,
+and only the first of these passes solves. Without the importance step the kept states are
+evaluated for the draws (trajectories, predictive draws, log-likelihoods) several sweeps at
+a time, ``RECORD_SYSTEMS`` chains times individuals in one pass. The chains are vectorized
+like the particles of :class:`IWAE`.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ TARGET_ACCEPT = 0.35
 START_PARTICLES = 16
 ELEMENTWISE_GROUPS = 16  # group sites with at most this many groups move group by group
 MIN_WARMUP_TO_GROUP = 10  # warm-up sweeps that record footprints before moves are grouped
+RECORD_SYSTEMS = 1 << 15  # chains x individuals evaluated together when recording states
 
 
 def _latent(site: dict) -> bool:
@@ -110,8 +117,8 @@ class _Passes:
                 f"at dim -1 only (max_plate_nesting 1); this model nests {self.nesting} plates"
             )
         self._objectives: dict[tuple[int, int], IWAE] = {}
-        self._template: Any = None
-        self._template_sites: set[str] = set()
+        # chains -> a guide trace with K = 1 and its latent sites
+        self._templates: dict[int, tuple[Any, set[str]]] = {}
 
     def objective(self, k: int, chains: int | None = None) -> IWAE:
         c = self.chains if chains is None else chains
@@ -131,23 +138,27 @@ class _Passes:
         outer: dict[str, torch.Tensor] | None,
         local: dict[str, torch.Tensor] | None,
         model_only: bool = False,
+        chains: int | None = None,
     ) -> LogWeights:
         """One pass with ``k`` particles per individual and chain. ``outer`` values (``(C, 1,
         G or 1, *event)``) replace the guide's draws of those sites; ``local`` values
         (``(C, 1, N, *event)``) replace particle 0 of those sites. ``model_only``: the
         weights hold the model's terms alone (the guide's log-densities are not evaluated),
-        enough for :func:`_site_terms`."""
-        iw = self.objective(k)
+        enough for :func:`_site_terms`. ``chains``: ``C`` if not the run's number of chains
+        (several sweeps' states evaluated together)."""
+        c = self.chains if chains is None else chains
+        iw = self.objective(k, c)
         given = set(outer or ()) | set(local or ())
-        if k == 1 and self._template is not None and given >= self._template_sites:
+        template = self._templates.get(c) if k == 1 else None
+        if template is not None and given >= template[1]:
             # every latent is given: the guide's draws would all be replaced, so reuse the
             # trace of an earlier pass (its encoder need not run again)
-            guide_trace = self._template
+            guide_trace = template[0]
         else:
-            guide_trace = self.guide_trace(k)
-            if k == 1 and self._template is None:
-                self._template = guide_trace
-                self._template_sites = {n for n, st in guide_trace.nodes.items() if _latent(st)}
+            guide_trace = self.guide_trace(k, c)
+            if k == 1 and template is None:
+                sites = {n for n, st in guide_trace.nodes.items() if _latent(st)}
+                self._templates[c] = (guide_trace, sites)
         for name, site in guide_trace.nodes.items():
             if not _latent(site):
                 continue
@@ -177,63 +188,100 @@ class _Passes:
 
 
 def _site_terms(weights: LogWeights, chosen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The model's log-density terms of a pass, site by site, at particle ``chosen`` ``(C, N)``
-    of every individual (particle 0 when None), in float64 (sums over many individuals:
-    float32 would blur a Metropolis ratio): ``(C,)`` for a site outside the individuals plate,
-    ``(C, N)`` for one inside it. ``"_failed_local"`` ``(C, N)`` and ``"_failed_outer"``
-    ``(C,)`` are ``-inf`` where an ODE solve failed (0 elsewhere)."""
+    """The model's log-density terms of a pass, site by site and element by element, at
+    particle ``chosen`` ``(C, N)`` of every individual (particle 0 when None), in float64
+    (sums over many individuals: float32 would blur a Metropolis ratio): ``(C, N)`` for a
+    site inside the individuals plate (see :func:`_local_keys`), ``(C, E)`` for one outside it
+    (``E`` its number of groups, or 1). ``"_failed_local"`` ``(C, N)`` and ``"_failed_outer"``
+    ``(C, 1)`` are ``-inf`` where an ODE solve failed (0 elsewhere)."""
     out: dict[str, torch.Tensor] = {}
     index = None if chosen is None else chosen[:, None, :]
     for kind, name, term in weights.contributions:
         if kind != "model":
             continue
-        term = term.double()
         if term.dim() == 3:
+            term = term.double()
             out[name] = (term[:, :1] if index is None else term.gather(1, index))[:, 0]
         else:
-            out[name] = term
+            out[name] = weights.outer_elements[name].double()
     at = (weights.local[:, :1] if index is None else weights.local.gather(1, index))[:, 0]
     zero = torch.zeros((), dtype=torch.float64, device=at.device)
     out["_failed_local"] = torch.where(torch.isneginf(at), -math.inf, zero).expand(at.shape)
-    failed = torch.isneginf(weights.global_terms)
+    failed = torch.isneginf(weights.global_terms)[:, None]
     out["_failed_outer"] = torch.where(failed, -math.inf, zero).expand(failed.shape)
     return out
 
 
-def _totals(terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_keys(weights: LogWeights) -> frozenset[str]:
+    """The keys of :func:`_site_terms` that hold one term per individual."""
+    names = {name for kind, name, term in weights.contributions if term.dim() == 3}
+    return frozenset(names | {"_failed_local"})
+
+
+def _totals(
+    terms: dict[str, torch.Tensor], local_keys: frozenset[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(C,)`` the sum of the terms outside the individuals plate and ``(C, N)`` each
     individual's log p(y_i, z_i | theta)."""
-    outer = sum(t for t in terms.values() if t.dim() == 1)
-    local = sum(t for t in terms.values() if t.dim() == 2)
+    outer = sum(t.sum(-1) for k, t in terms.items() if k not in local_keys)
+    local = sum(t for k, t in terms.items() if k in local_keys)
     assert isinstance(outer, torch.Tensor) and isinstance(local, torch.Tensor)
     return outer, local
 
 
-def _changed(new: torch.Tensor, old: torch.Tensor) -> bool:
-    """Whether any value differs (NaN equal to NaN, -inf to -inf)."""
+def _changed(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``(E,)``: the elements of ``(C, E)`` terms that differ in some chain (NaN equal to NaN,
+    -inf to -inf)."""
     same = (new == old) | (torch.isnan(new) & torch.isnan(old))
-    return not bool(same.all())
+    return ~same.all(0)
 
 
-def _summed(x: torch.Tensor) -> torch.Tensor:
-    """``(C,)``: a term summed over its individuals, if it has them."""
-    return x if x.dim() == 1 else x.sum(-1)
+Footprint = dict[str, torch.Tensor]  # site -> (E,) bool: the elements whose terms a move changed
 
 
-def _group_blocks(footprints: list[set[str]]) -> list[list[int]]:
-    """Greedy grouping, in order, of blocks whose footprints (the model sites whose terms their
-    moves change) are pairwise disjoint: such moves commute, and one pass serves them all."""
+def _overlap(a: Footprint, b: Footprint) -> bool:
+    """Whether two footprints share an element of some site."""
+    return any(bool((a[k] & b[k]).any()) for k in a.keys() & b.keys())
+
+
+def _check_strays(
+    new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], footprints: list[Footprint], moves
+) -> None:
+    """Raise when a joint pass of moves changed an element of a term outside all of their
+    footprints: then the moves do not commute, and accepting each on its own terms would
+    be wrong."""
+    strays = []
+    for k in old:
+        changed = _changed(new[k], old[k])
+        for fp in footprints:
+            if k in fp:
+                changed = changed & ~fp[k]
+        if bool(changed.any()):
+            strays.append(k)
+    if strays:
+        raise RuntimeError(
+            f"gibbs(): moving {[m[1] for m in moves]} together changed the log-density of "
+            f"{strays} where none of their moves changed it in the first sweeps; the model's "
+            "dependencies vary with the values. Report this with the model."
+        )
+
+
+def _group_blocks(footprints: list[Footprint]) -> list[list[int]]:
+    """Greedy grouping, in order, of blocks whose footprints (the elements of the model's
+    terms that their moves change) are pairwise disjoint: such moves commute, and one pass
+    serves them all."""
     groups: list[list[int]] = []
-    covered: list[set[str]] = []
+    covered: list[Footprint] = []
     for b, fp in enumerate(footprints):
         for group, sites in zip(groups, covered, strict=True):
-            if not sites & fp:
+            if not _overlap(sites, fp):
                 group.append(b)
-                sites |= fp
+                for k, mask in fp.items():
+                    sites[k] = sites[k] | mask if k in sites else mask
                 break
         else:
             groups.append([b])
-            covered.append(set(fp))
+            covered.append(dict(fp))
     return groups
 
 
@@ -251,8 +299,10 @@ def particle_gibbs(
     record: Callable[[LogWeights, torch.Tensor], Any] = lambda weights, chosen: chosen,
 ) -> tuple[list[Any], dict[str, Any]]:
     """Run the chains (see the module docstring). Returns ``record(weights, chosen)`` for
-    every kept sweep (``weights``: the pass of the local step, ``chosen``: ``(C, N)`` the
-    particle kept for each chain and individual), and the diagnostics: per outer site the
+    every kept sweep (``weights``: the pass of the importance step, ``chosen``: ``(C, N)``
+    the particle kept for each chain and individual) or, with ``num_particles = 1``, for
+    every run of ``R`` consecutive kept sweeps evaluated together (``weights``: a pass with
+    ``R C`` chains, sweep after sweep, ``chosen`` zeros), and the diagnostics: per outer site the
     acceptance rate after warm-up and the final step sizes, and the share of individuals whose
     locals moved per sweep after warm-up (``local_move_rate``).
 
@@ -331,12 +381,36 @@ def particle_gibbs(
         local = {
             name: _pick(first.guide_trace.nodes[name]["value"], chosen) for name in local_names
         }
-        terms = _site_terms(passes.run(1, outer, local, model_only=True))
-        local_shape = _totals(terms)[1].shape
+        start = passes.run(1, outer, local, model_only=True)
+        terms = _site_terms(start)
+        local_keys = _local_keys(start)
+        local_shape = terms["_failed_local"].shape
         device = terms["_failed_local"].device
         nblocks = len(outer_blocks)
-        footprints: list[set[str]] = [set() for _ in range(nblocks)]
-        groups = [[i] for i in range(nblocks)]
+        footprints: list[Footprint] = [{} for _ in range(nblocks)]
+        singles = [[i] for i in range(nblocks)]
+        groups = singles
+        # moves are grouped from this sweep on (footprints recorded in the sweeps before it)
+        group_from = (
+            max(MIN_WARMUP_TO_GROUP, warmup // 10) if warmup >= MIN_WARMUP_TO_GROUP else None
+        )
+        # without an importance step the kept states are evaluated RECORD_SYSTEMS solves at
+        # a time, several sweeps together, instead of by a pass of their own every sweep
+        per_record = max(1, RECORD_SYSTEMS // max(1, num_chains * local_shape[1]))
+        pending: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+        def flush() -> None:
+            count = len(pending)
+            outer_all, local_all = (
+                {name: torch.cat([state[side][name] for state in pending]) for name in names}
+                for side, names in ((0, outer_names), (1, local_names))
+            )
+            weights = passes.run(1, outer_all, local_all, chains=count * num_chains)
+            chosen = torch.zeros(
+                (count * num_chains, local_shape[1]), dtype=torch.long, device=device
+            )
+            records.append(record(weights, chosen))
+            pending.clear()
 
         accepted = {name: 0.0 for name in outer_names}
         local_accepted = moved = 0.0
@@ -349,11 +423,12 @@ def particle_gibbs(
         try:
             for sweep in range(warmup + kept):
                 gain = 1.0 / math.sqrt(sweep + 1.0)
-                # 1. the globals and group latents: block by block during warm-up (which
-                # also records each block's footprint), then in groups of commuting blocks
-                if sweep == warmup and warmup >= MIN_WARMUP_TO_GROUP:
+                # 1. the globals and group latents: block by block in the first sweeps (which
+                # record each block's footprint), then in groups of commuting blocks
+                grouped = group_from is not None and sweep >= group_from
+                if sweep == group_from:
                     groups = _group_blocks(footprints)
-                for group in groups if sweep >= warmup else [[i] for i in range(nblocks)]:
+                for group in groups if grouped else singles:
                     given = dict(outer)
                     moves = []
                     for i in group:
@@ -363,38 +438,44 @@ def particle_gibbs(
                         u, proposal, u_new = _propose(
                             transforms[name], value, step if mask is None else step * mask
                         )
-                        if mask is not None:  # the other groups' values stay as they were
+                        if mask is None:
+                            given[name] = proposal
+                        else:  # its group alone moves (other blocks may move the others)
                             proposal = torch.where(mask, proposal, value)
-                        given[name] = proposal
+                            given[name] = torch.where(mask, proposal, given[name])
                         ladj = _ladj(transforms[name], u_new, proposal).sum(-1) - _ladj(
                             transforms[name], u, value
                         ).sum(-1)
-                        moves.append((i, name, mask, value, proposal, ladj))
+                        moves.append((i, name, mask, proposal, ladj))
                     new_terms = _site_terms(passes.run(1, given, local, model_only=True))
                     if len(group) > 1:
-                        touched = set().union(*(footprints[i] for i in group))
-                        strays = [
-                            k
-                            for k in terms
-                            if k not in touched and _changed(new_terms[k], terms[k])
-                        ]
-                        if strays:
-                            raise RuntimeError(
-                                f"gibbs(): moving {[m[1] for m in moves]} together changed the "
-                                f"log-density of {strays}, which none of their moves changed "
-                                "during warm-up; the model's dependencies vary with the values. "
-                                "Report this with the model; a longer warm-up may avoid it."
+                        _check_strays(new_terms, terms, [footprints[i] for i in group], moves)
+                    for i, name, mask, proposal, ladj in moves:
+                        if len(group) == 1:  # every term, every element
+                            if not grouped:
+                                for k in terms:
+                                    changed = _changed(new_terms[k], terms[k])
+                                    if bool(changed.any()):
+                                        old = footprints[i].get(k)
+                                        footprints[i][k] = changed if old is None else old | changed
+                            diff = sum((new_terms[k] - terms[k]).sum(-1) for k in terms)
+                            accept = _accept(ladj + diff)
+                            for k in terms:
+                                terms[k] = torch.where(accept[:, None], new_terms[k], terms[k])
+                        else:  # the elements of its footprint alone
+                            fp = footprints[i]
+                            zero = torch.zeros((), dtype=torch.float64, device=device)
+                            diff = sum(
+                                torch.where(fp[k], new_terms[k] - terms[k], zero).sum(-1)
+                                for k in fp
                             )
-                    for i, name, mask, value, proposal, ladj in moves:
-                        sites = terms.keys() if len(group) == 1 else footprints[i]
-                        if sweep < warmup:
-                            footprints[i] |= {k for k in terms if _changed(new_terms[k], terms[k])}
-                        log_alpha = ladj + sum(_summed(new_terms[k] - terms[k]) for k in sites)
-                        accept = _accept(log_alpha)
-                        outer[name] = _where(accept, proposal, value)
-                        for k in sites:
-                            at = accept if terms[k].dim() == 1 else accept[:, None]
-                            terms[k] = torch.where(at, new_terms[k], terms[k])
+                            accept = _accept(ladj + diff)
+                            for k, where in fp.items():
+                                at = accept[:, None] & where
+                                terms[k] = torch.where(at, new_terms[k], terms[k])
+                        if mask is not None:  # keep what other blocks of the site did
+                            proposal = torch.where(mask, proposal, outer[name])
+                        outer[name] = _where(accept, proposal, outer[name])
                         rate = float(accept.double().mean())
                         if sweep < warmup:
                             change = gain * (rate - TARGET_ACCEPT)
@@ -413,14 +494,13 @@ def particle_gibbs(
                 for _ in range(local_steps):
                     proposals, log_jac = walk.propose(local, math.exp(log_local_step))
                     new_terms = _site_terms(passes.run(1, outer, proposals, model_only=True))
-                    _, local_lp = _totals(terms)
-                    _, new_local = _totals(new_terms)
+                    _, local_lp = _totals(terms, local_keys)
+                    _, new_local = _totals(new_terms, local_keys)
                     accept = _accept(new_local - local_lp + log_jac)  # (C, N)
                     for name in local_names:
                         local[name] = _where(accept, proposals[name], local[name])
-                    for k in terms:  # terms outside the plate do not depend on the locals
-                        if terms[k].dim() == 2:
-                            terms[k] = torch.where(accept, new_terms[k], terms[k])
+                    for k in local_keys:  # terms outside the plate do not depend on the locals
+                        terms[k] = torch.where(accept, new_terms[k], terms[k])
                     rate = float(accept.double().mean())
                     if sweep < warmup:
                         log_local_step += gain * (rate - TARGET_ACCEPT)
@@ -438,13 +518,15 @@ def particle_gibbs(
                     terms = _site_terms(weights, chosen)
                     if sweep >= warmup:
                         moved += float((chosen != 0).double().mean())
-                elif sweep >= warmup:  # no importance step: a pass at the state to record
-                    weights = passes.run(1, outer, local)
-                    chosen = torch.zeros(local_shape, dtype=torch.long, device=device)
-                if sweep >= warmup:
-                    records.append(record(weights, chosen))
+                        records.append(record(weights, chosen))
+                elif sweep >= warmup:  # no importance step: record the state, in batches
+                    pending.append((dict(outer), dict(local)))
+                    if len(pending) == per_record:
+                        flush()
                 if bar is not None:
                     bar.update(1)
+            if pending:
+                flush()
         finally:
             if bar is not None:
                 bar.close()

@@ -33,7 +33,7 @@ global one ``(S, 1, 1)``, and one vectorized pass computes every weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
@@ -81,6 +81,11 @@ class LogWeights:
         plus the log-likelihood of any observed site outside the individuals plate.
     :ivar scale: :math:`N / B`, the minibatch scale of the local terms.
     :ivar model_trace, guide_trace: the traces of the pass (for resampling and prediction).
+    :ivar contributions: ``(kind, site, term)`` per sample site with a log-density, ``kind``
+        ``"model"`` or ``"guide"``: ``(S, K, B)`` for a site in the individuals plate (the
+        guide's with a minus sign), ``(S,)`` summed for one outside it.
+    :ivar outer_elements: per model site outside the individuals plate, its terms before
+        that sum, ``(S, E)`` with ``E`` the product of its plate sizes (the groups, or 1).
     """
 
     local: torch.Tensor
@@ -89,6 +94,7 @@ class LogWeights:
     model_trace: Any = None
     guide_trace: Any = None
     contributions: tuple = ()
+    outer_elements: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def nonfinite_global_sites(self) -> tuple[str, ...]:
@@ -246,6 +252,7 @@ class IWAE(ELBO):
         failed_local: torch.Tensor | None = None
         failed_global: torch.Tensor | None = None
         contributions: list[tuple[str, str, torch.Tensor]] = []
+        outer_elements: dict[str, torch.Tensor] = {}
 
         def to_full(x: torch.Tensor) -> torch.Tensor:
             if x.dim() > full_dims:
@@ -325,7 +332,10 @@ class IWAE(ELBO):
                     contributions.append((kind, name, term))
                 else:
                     x = to_full(lp)
-                    x = x.reshape(x.shape[0], -1).sum(-1).expand(s)
+                    x = x.reshape(x.shape[0], -1)
+                    if kind == "model":
+                        outer_elements[name] = x.expand(s, x.shape[1])
+                    x = x.sum(-1).expand(s)
                     term = sign * x
                     global_terms = term if global_terms is None else global_terms + term
                     contributions.append((kind, name, term))
@@ -352,7 +362,13 @@ class IWAE(ELBO):
                 failed_global, global_terms.new_full((), -math.inf), global_terms
             )
         return LogWeights(
-            local, global_terms, scale, model_trace, guide_trace, tuple(contributions)
+            local,
+            global_terms,
+            scale,
+            model_trace,
+            guide_trace,
+            tuple(contributions),
+            outer_elements,
         )
 
     @staticmethod

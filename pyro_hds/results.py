@@ -403,9 +403,9 @@ class FitResult:
             individual's covariance learned in warm-up: with ``warmup >= 20``),
             ``local_move_rate`` (the share of individuals whose locals the importance step
             changed per sweep; None without it), ``outer_groups`` (the moves that share a
-            pass after warm-up, see :mod:`pyro_hds.gibbs`). Its ``pareto_k``, ``ess`` and
-            ``inner_bound`` describe the weights of the importance steps, the current particle
-            included.
+            pass from early in warm-up on, see :mod:`pyro_hds.gibbs`). Its ``pareto_k``,
+            ``ess`` and ``inner_bound`` describe the weights of the importance steps, the
+            current particle included.
         """
         from pyro_hds.fit import _is_dataset
         from pyro_hds.gibbs import particle_gibbs
@@ -428,8 +428,9 @@ class FitResult:
             record=self._resample,
         )
         posterior = self._merge(parts, num_particles)
-        kept = len(parts)
-        # the parts are sweeps of all chains; order the draws chain after chain
+        kept = sum(int(p["weight"]) for p in parts) // num_chains
+        # the parts are runs of sweeps of all chains (sweep after sweep, chain after chain
+        # within a sweep); order the draws chain after chain
         order = torch.arange(kept * num_chains).reshape(kept, num_chains).T.reshape(-1)
         posterior = posterior.select(order)
         posterior.num_chains = num_chains

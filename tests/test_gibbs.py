@@ -289,8 +289,19 @@ def test_local_walk_learns_each_individuals_covariance():
 def test_group_blocks_joins_moves_with_disjoint_footprints():
     from pyro_hds.gibbs import _group_blocks
 
-    footprints = [{"a", "x"}, {"b", "c"}, {"c", "x"}, {"d", "y"}, {"e", "c"}, {"f"}]
-    assert _group_blocks(footprints) == [[0, 1, 3, 5], [2], [4]]
+    def fp(**sites):
+        return {k: torch.tensor(v, dtype=torch.bool) for k, v in sites.items()}
+
+    footprints = [
+        fp(a=[1], x=[1, 0, 0]),
+        fp(b=[1], c=[1, 0]),
+        fp(c=[0, 1], x=[0, 1, 0]),  # other elements of c and x than 0 and 1: joins them
+        fp(x=[1, 1, 0]),  # shares x[0] with 0: a new group
+        fp(c=[1, 1], y=[1]),  # shares c with the first group: joins 3's
+        fp(x=[0, 0, 1], c=[0, 0]),  # an empty mask overlaps nothing
+        fp(y=[1], a=[1]),  # shares a with 0 and y with 4: a third group
+    ]
+    assert _group_blocks(footprints) == [[0, 1, 2, 5], [3, 4], [6]]
 
 
 def twin_model(data):
@@ -336,8 +347,9 @@ def test_gibbs_grouped_moves_recover_the_exact_posterior():
         progress=False,
     )
     groups = post.diagnostics["outer_groups"]
-    # model order: mu, g[0..2], mu2, g2[0..2]; each copy's block pairs with the other copy's
-    assert groups == [["mu", "mu2"], ["g[0]", "g2[0]"], ["g[1]", "g2[1]"], ["g[2]", "g2[2]"]]
+    # model order: mu, g[0..2], mu2, g2[0..2]; each copy's mean pairs with the other copy's,
+    # and the groups' moves, which change their own prior term and individuals only, join
+    assert groups == [["mu", "mu2"], ["g[0]", "g[1]", "g[2]", "g2[0]", "g2[1]", "g2[2]"]]
     for suffix, part in (("", first), ("2", second)):
         assert_exact(post, suffix, *exact_posterior(part))
 
@@ -353,11 +365,51 @@ def test_gibbs_groups_the_pk_models_commuting_moves():
         seed=0,
         progress=False,
     )
-    # centred: a population mean's move changes only its own prior term and its children's
+    # centred: a population mean's move changes only its own prior term and its children's;
+    # a group's move changes its own prior term and its own individuals' terms
     assert post.diagnostics["outer_groups"] == [
         ["ka_pop", "cl_pop", "v_pop", "sigma"],
         ["group_sd", "omega"],
-        ["cl_group[0]"],
-        ["cl_group[1]"],
-        ["cl_group[2]"],
+        ["cl_group[0]", "cl_group[1]", "cl_group[2]"],
     ]
+
+
+def test_gibbs_without_importance_step_records_states_in_batches(monkeypatch):
+    # num_particles=1: the kept states are evaluated several sweeps at a time; here 3 sweeps
+    # of 2 chains of 9 individuals per pass, 8 sweeps kept (3 + 3 + 2)
+    import importlib
+
+    gibbs_module = importlib.import_module("pyro_hds.gibbs")
+    monkeypatch.setattr(gibbs_module, "RECORD_SYSTEMS", 2 * 9 * 3)
+    sizes = []
+    resample = FitResult._resample
+
+    def counting(weights, chosen):
+        sizes.append(tuple(chosen.shape))
+        return resample(weights, chosen)
+
+    monkeypatch.setattr(FitResult, "_resample", staticmethod(counting))
+    data, result = short_pk_fit(per_group=3, seed=6, num_steps=10)
+    post = result.gibbs(
+        num_samples=16, num_chains=2, warmup=12, num_particles=1, local_steps=2, seed=0
+    )
+    n, kept = len(data), 8
+    assert sizes == [(6, n), (6, n), (4, n)]
+    assert post.samples["ka"].shape == (16, n) and post.samples["sigma"].shape == (16,)
+    # every draw is a consistent state: its trajectory solves its own locals
+    again = pyro_hds.solve(
+        pk_oral.rhs,
+        torch.zeros(2),
+        data.times,
+        {k: post.samples[k].reshape(-1) for k in ("ka", "cl", "v")},
+        solver=pyro_hds.RK4(substeps=4),
+        t0=0.0,
+        doses=data[torch.arange(n).repeat(16)].doses,
+    ).ys.reshape(16, n, -1, 2)
+    torch.testing.assert_close(post.samples["x"], again, rtol=1e-4, atol=1e-4)
+    # chain after chain, sweep after sweep: consecutive draws of a chain share the locals of
+    # the individuals whose random-walk steps were all rejected; draws of two chains none
+    ka = post.samples["ka"].reshape(2, kept, n)
+    same_next = (ka[:, 1:] == ka[:, :-1]).double().mean()
+    assert 0.1 < float(same_next) < 0.9
+    assert not bool((ka[0][:, None] == ka[1][None]).any())
