@@ -435,8 +435,10 @@ def _adjoint(solver, f, y0f, tf, t0f, pf, per_element_grid, name):
     return ys, status, zeros, zeros, None
 
 
-# memo tables of reuse_solutions(), innermost last: site name -> (the call's inputs, Solution)
-_MEMOS: list[dict[str, tuple[tuple, Solution]]] = []
+# memo tables of reuse_solutions(), innermost last: site name -> its last MEMO_DEPTH calls'
+# (inputs, Solution), most recent last
+_MEMOS: list[dict[str, list[tuple[tuple, Solution]]]] = []
+MEMO_DEPTH = 4
 
 
 @contextlib.contextmanager
@@ -446,17 +448,87 @@ def reuse_solutions() -> Iterator[None]:
 
     "Equal" means the same ``rhs`` object (a function defined inside the model is a new
     object on every call, so it never matches) and equal values of ``y0``, ``times``,
-    ``params`` and every keyword (compared elementwise, shapes included). The last call of
-    each site is kept. It serves samplers that change one latent at a time: in a centred
+    ``params`` and every keyword (compared elementwise, shapes included). The last
+    ``MEMO_DEPTH`` calls of each site are kept, and a call whose params equal, element by
+    element of the batch, those of one kept call or another (all else equal, shapes too)
+    gets those elements' solutions put together: a Metropolis step that accepts some
+    elements' proposals and rejects others' leaves a state whose solution was computed in
+    pieces already. It serves samplers that change one latent at a time: in a centred
     hierarchy a move of a population parameter leaves every individual's ODE parameters as
     they were, and such passes of the model then cost no solve. The ``rhs`` must depend on
-    nothing but its arguments (and fixed module weights), as :func:`solve` asks anyway.
+    nothing but its arguments (and fixed module weights), as :func:`solve` asks anyway, and
+    an element's solution must not depend on the others in its batch (the solvers of this
+    package give the same values whatever the batch).
     """
     _MEMOS.append({})
     try:
         yield
     finally:
         _MEMOS.pop()
+
+
+def _recall(kept: list[tuple[tuple, Solution]], call: tuple) -> Solution | None:
+    """The solution of ``call`` from the kept calls of its site: one with equal inputs, or
+    one put together element by element of the batch from kept calls whose other inputs
+    are equal and whose params equal the call's there (the most recent call first); None
+    when some element matches none."""
+    rhs, y0, times, params, kwargs = call
+    for old, solution in reversed(kept):
+        if old[0] is rhs and _same(old, call):
+            return solution
+    if not params or not all(isinstance(v, torch.Tensor) for v in params.values()):
+        return None
+    event_dims = kwargs.get("event_dims") or {}
+    pieces: list[tuple[torch.Tensor, Solution]] = []
+    for old, solution in kept:
+        old_params = old[3]
+        if (
+            old[0] is not rhs
+            or not old_params
+            or old_params.keys() != params.keys()
+            or any(
+                not isinstance(old_params[k], torch.Tensor)
+                or old_params[k].shape != v.shape
+                or old_params[k].dtype != v.dtype
+                or old_params[k].device != v.device
+                for k, v in params.items()
+            )
+            or not _same((old[1], old[2], old[4]), (y0, times, kwargs))
+        ):
+            continue
+        batch = solution.status.shape
+        match = torch.ones(batch, dtype=torch.bool, device=solution.status.device)
+        for k, v in params.items():
+            equal = v == old_params[k]
+            ed = int(event_dims.get(k, 0))
+            if ed:
+                equal = equal.reshape(*equal.shape[: equal.dim() - ed], -1).all(-1)
+            match = match & equal
+        pieces.append((match.expand(batch), solution))
+    if not pieces or not bool(torch.stack([m for m, _ in pieces]).any(0).all()):
+        return None
+    merged = pieces[0][1]
+    for match, solution in pieces[1:]:  # later calls take precedence
+
+        def pick(new: torch.Tensor, old: torch.Tensor, m: torch.Tensor = match) -> torch.Tensor:
+            return torch.where(m.reshape(*m.shape, *([1] * (new.dim() - m.dim()))), new, old)
+
+        reached = None
+        if merged.reached is not None or solution.reached is not None:
+            every = torch.ones_like(solution.ys[..., 0], dtype=torch.bool)
+            reached = pick(
+                every if solution.reached is None else solution.reached,
+                every if merged.reached is None else merged.reached,
+            )
+        merged = Solution(
+            ys=pick(solution.ys, merged.ys),
+            status=pick(solution.status, merged.status),
+            num_steps=pick(solution.num_steps, merged.num_steps),
+            num_rejected=pick(solution.num_rejected, merged.num_rejected),
+            ts=solution.ts,
+            reached=reached,
+        )
+    return merged
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -505,12 +577,13 @@ def ode(
     """
     memo = _MEMOS[-1] if _MEMOS and not torch.is_grad_enabled() else None
     call = (rhs, y0, times, params, kwargs)
-    if memo is not None and name in memo and memo[name][0][0] is rhs and _same(memo[name][0], call):
-        solution = memo[name][1]
-    else:
+    kept = None if memo is None else memo.setdefault(name, [])
+    solution = None if not kept else _recall(kept, call)
+    if solution is None:
         solution = solve(rhs, y0, times, params, name=name, **kwargs)
-        if memo is not None:
-            memo[name] = (call, solution)
+    if kept is not None and not (kept and kept[-1][1] is solution):
+        kept.append((call, solution))
+        del kept[:-MEMO_DEPTH]
     ys = solution.ys
     return pyro.sample(
         name,

@@ -22,3 +22,21 @@ def _clean_state():
     yield
     torch.set_default_dtype(old)
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def solves(monkeypatch):
+    """Counts the solves of pyro_hds.ode.solve: ``solves.calls`` holds each call's site name,
+    ``solves.real`` is the unpatched function."""
+    import importlib
+    from types import SimpleNamespace
+
+    ode_module = importlib.import_module("pyro_hds.ode")
+    out = SimpleNamespace(calls=[], real=ode_module.solve)
+
+    def counting_solve(*args, **kwargs):
+        out.calls.append(kwargs.get("name"))
+        return out.real(*args, **kwargs)
+
+    monkeypatch.setattr(ode_module, "solve", counting_solve)
+    return out

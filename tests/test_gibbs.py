@@ -200,24 +200,27 @@ def test_gibbs_on_the_pk_model_exports_chains_to_arviz(tmp_path):
     np.testing.assert_array_equal(back["posterior"]["ka"].values, tree["posterior"]["ka"].values)
 
 
-def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(monkeypatch):
+@pytest.mark.parametrize("num_particles, local_steps", [(4, 1), (1, 2)])
+def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(
+    monkeypatch, solves, num_particles, local_steps
+):
     # pk_oral is centred: the outer moves keep every ODE parameter, so reuse_solutions spares
     # their solves; the chain must be the same draw for draw as with every pass solving
     import contextlib
     import importlib
 
     gibbs_module = importlib.import_module("pyro_hds.gibbs")
-    ode_module = importlib.import_module("pyro_hds.ode")
     _, result = short_pk_fit(per_group=3, seed=4, num_steps=10)
-    calls = []
-    real_solve = ode_module.solve
-
-    def counting_solve(*args, **kwargs):
-        calls.append(1)
-        return real_solve(*args, **kwargs)
-
-    monkeypatch.setattr(ode_module, "solve", counting_solve)
-    options = {"num_samples": 12, "num_chains": 2, "warmup": 3, "num_particles": 4, "seed": 0}
+    calls = solves.calls
+    calls.clear()  # the fit's solves
+    options = {
+        "num_samples": 12,
+        "num_chains": 2,
+        "warmup": 3,
+        "num_particles": num_particles,
+        "local_steps": local_steps,
+        "seed": 0,
+    }
     reused = result.gibbs(**options)
     solved_reused = len(calls)
     monkeypatch.setattr(gibbs_module, "reuse_solutions", contextlib.nullcontext)
@@ -225,11 +228,15 @@ def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(monkeypat
     plain = result.gibbs(**options)
     for name in ("sigma", "cl_group", "ka", "x"):
         torch.testing.assert_close(reused.samples[name], plain.samples[name], rtol=0, atol=0)
-    # per sweep: 9 outer passes (6 globals, then cl_group's 3 groups one at a time), one
-    # local random-walk pass and the importance pass; of the outer passes none solves in the
-    # first sweep (the start's pass had the same locals) and only the first in every later one
+    # per sweep: 9 outer passes (6 globals, then cl_group's 3 groups one at a time), then
+    # the random-walk passes and the importance pass. Of the outer passes none solves in the
+    # first sweep (the start's pass had the same locals). After an importance step the
+    # first in every later sweep solves (its locals came from a pass of K particles); after
+    # the random walk alone it does not either: each individual's locals are those of one of
+    # the walk's last passes, whose solutions are put together
     sweeps = 3 + 6
-    assert len(calls) - solved_reused == 9 + 8 * (sweeps - 1)
+    saved = 9 + 8 * (sweeps - 1) if num_particles > 1 else 9 * sweeps
+    assert len(calls) - solved_reused == saved
 
 
 def test_local_walk_learns_each_individuals_covariance():

@@ -454,18 +454,25 @@ def test_doses_per_individual_broadcast_over_particles(solver):
             torch.testing.assert_close(sol.ys[k, i], alone.ys[0], rtol=1e-5, atol=1e-5)
 
 
-def test_reuse_solutions_returns_the_previous_solution_only_for_equal_inputs(monkeypatch):
+def pk_ys(solve_fn, data, params):
+    """The PK model's trajectories for ``params`` by ``solve_fn`` (pyro_hds.solve or a
+    stand-in), RK4 with 4 substeps."""
+    return solve_fn(
+        pk_oral.rhs,
+        torch.zeros(2),
+        data.times,
+        params,
+        solver=RK4(substeps=4),
+        t0=0.0,
+        doses=data.doses,
+    ).ys
+
+
+def test_reuse_solutions_returns_the_previous_solution_only_for_equal_inputs(solves):
     import importlib
 
     ode_module = importlib.import_module("pyro_hds.ode")
-    calls = []
-    real_solve = ode_module.solve
-
-    def counting_solve(*args, **kwargs):
-        calls.append(kwargs.get("name"))
-        return real_solve(*args, **kwargs)
-
-    monkeypatch.setattr(ode_module, "solve", counting_solve)
+    calls, real_solve = solves.calls, solves.real
     data, truth = pk_oral.simulate(per_group=2, seed=3)
     params = {k: truth[k].clone() for k in ("ka", "cl", "v")}
 
@@ -480,15 +487,7 @@ def test_reuse_solutions_returns_the_previous_solution_only_for_equal_inputs(mon
         moved = dict(params, cl=params["cl"] * torch.tensor([1.0] * 5 + [1.5]))
         other = run(moved)
         assert len(calls) == 2
-        fresh = real_solve(
-            pk_oral.rhs,
-            torch.zeros(2),
-            data.times,
-            moved,
-            solver=RK4(substeps=4),
-            t0=0.0,
-            doses=data.doses,
-        ).ys
+        fresh = pk_ys(real_solve, data, moved)
         torch.testing.assert_close(other, fresh, rtol=0, atol=0)
         assert not torch.equal(other[-1], first[-1]) and torch.equal(other[0], first[0])
         # other doses (equal times, one amount changed), another rhs object: solved again
@@ -569,3 +568,54 @@ def test_the_merged_grid_is_reused_until_its_tensors_change():
     for i in range(ode_module.GRID_CACHE_SIZE + 3):
         run(params, doses=Doses(doses.times.clone(), doses.amounts + i, doses.targets))
     assert len(ode_module._GRIDS) == ode_module.GRID_CACHE_SIZE
+
+
+def test_reuse_solutions_puts_together_the_rows_of_kept_solves(solves):
+    import importlib
+
+    ode_module = importlib.import_module("pyro_hds.ode")
+    calls, real_solve = solves.calls, solves.real
+    data, truth = pk_oral.simulate(per_group=3, seed=5)
+    n = len(data)
+    gen = torch.Generator().manual_seed(0)
+    # three states of (2 chains, 1, N) params: a start and two Metropolis proposals
+    states = [
+        {
+            k: truth[k] * torch.exp(0.1 * torch.randn(2, 1, n, generator=gen))
+            for k in ("ka", "cl", "v")
+        }
+        for _ in range(3)
+    ]
+
+    def run(p):
+        return pyro_hds.ode(
+            "x",
+            pk_oral.rhs,
+            torch.zeros(2),
+            data.times,
+            p,
+            solver=RK4(substeps=4),
+            t0=0.0,
+            doses=data.doses,
+        )
+
+    pick = torch.randint(0, 3, (2, 1, n), generator=gen)  # each element from one of them
+    mixed = {
+        k: torch.stack([s[k] for s in states]).gather(0, pick[None]).squeeze(0) for k in states[0]
+    }
+    with torch.no_grad(), ode_module.reuse_solutions():
+        for s in states:
+            run(s)
+        assert len(calls) == 3
+        merged = run(mixed)
+        assert len(calls) == 3  # every element's solution was kept
+        fresh = pk_ys(real_solve, data, mixed)
+        torch.testing.assert_close(merged, fresh, rtol=0, atol=0)
+        # one element equal to none of them: solved
+        other = {k: v.clone() for k, v in mixed.items()}
+        other["cl"][1, 0, 4] *= 1.5
+        again = run(other)
+        assert len(calls) == 4 and not torch.equal(again[1, 0, 4], merged[1, 0, 4])
+        # params of another shape are never put together
+        run({k: v[:1] for k, v in mixed.items()})
+        assert len(calls) == 5
