@@ -46,7 +46,7 @@ Sides.
   ``--final-lr-fraction`` times that; then ``FitResult.posterior``
   draws ``--draws`` posterior draws with ``--draw-particles`` importance particles per
   individual and draw; with ``--gibbs CHAINS WARMUP`` (and ``--gibbs-particles``,
-  ``--gibbs-local-steps``), ``FitResult.gibbs`` draws them
+  ``--gibbs-local-steps``, ``--gibbs-outer-steps``), ``FitResult.gibbs`` draws them
   instead (particle Gibbs with the guide as proposal: exact in the limit, so the guide's bias
   in the globals does not reach the draws). ``--average-last`` averages the fit's parameters
   over its last steps, ``--trace-every`` prints the guide's population errors during the fit.
@@ -432,6 +432,7 @@ def run_pyro_hds(
     gibbs: tuple[int, int] | None = None,
     gibbs_particles: int | None = None,
     gibbs_local_steps: int = 1,
+    gibbs_outer_steps: int = 1,
     trace_every: int = 0,
     reference: dict[str, np.ndarray] | None = None,
 ) -> tuple[Run, Any]:
@@ -439,7 +440,8 @@ def run_pyro_hds(
     ``draw_particles`` importance particles per individual; returns the run and FitResult.
     With ``gibbs = (chains, warmup)`` the draws come from :meth:`FitResult.gibbs` instead
     (particle Gibbs, ``gibbs_particles`` particles in its importance step, default
-    ``draw_particles``, and ``gibbs_local_steps`` random-walk steps on the locals).
+    ``draw_particles``, ``gibbs_local_steps`` random-walk steps on the locals and
+    ``gibbs_outer_steps`` on the global and group sites per sweep).
 
     With ``trace_every`` and NUTS draws as ``reference``, every ``trace_every`` steps the
     guide's medians of the population parameters are printed as signed errors
@@ -488,6 +490,7 @@ def run_pyro_hds(
                 warmup=gibbs[1],
                 num_particles=draw_particles if gibbs_particles is None else gibbs_particles,
                 local_steps=gibbs_local_steps,
+                outer_steps=gibbs_outer_steps,
                 seed=seed,
                 progress=False,
             )
@@ -671,6 +674,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="random-walk steps on the locals per sweep of FitResult.gibbs",
     )
     p.add_argument(
+        "--gibbs-outer-steps",
+        type=int,
+        default=1,
+        help="Metropolis steps on the global and group sites per sweep of FitResult.gibbs",
+    )
+    p.add_argument(
         "--average-last",
         type=float,
         default=0.0,
@@ -693,6 +702,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--gibbs-particles must be >= 1")
     if args.gibbs_local_steps < 0:
         p.error("--gibbs-local-steps must be >= 0")
+    if args.gibbs_outer_steps < 1:
+        p.error("--gibbs-outer-steps must be >= 1")
     if args.trace_every < 0:
         p.error("--trace-every must be >= 0")
     if args.quick:
@@ -754,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         + (
             f"by particle Gibbs ({args.gibbs[0]} chains, {args.gibbs[1]} warm-up sweeps, "
             f"K = {gibbs_k} in the importance step, {args.gibbs_local_steps} random-walk "
-            "steps on the locals per sweep)."
+            f"steps on the locals and {args.gibbs_outer_steps} on the global and group sites "
+            "per sweep)."
             if args.gibbs
             else f"with {args.draw_particles} importance particles per individual."
         )
@@ -792,6 +804,7 @@ def main(argv: list[str] | None = None) -> int:
             gibbs=None if args.gibbs is None else tuple(args.gibbs),
             gibbs_particles=args.gibbs_particles,
             gibbs_local_steps=args.gibbs_local_steps,
+            gibbs_outer_steps=args.gibbs_outer_steps,
             trace_every=args.trace_every,
             reference=nuts.draws,
         )

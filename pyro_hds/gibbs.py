@@ -35,7 +35,8 @@ local latents :math:`z_i`. One sweep:
    own prior term and its own individuals) share one pass: they propose together and each
    is accepted on the change of its own footprint's elements. Such moves commute (the joint
    density factorizes over them), so this is the same kernel as one after another. A pass
-   in which an element outside every footprint changes stops the run with an error.
+   in which an element outside every footprint changes (by more than round-off,
+   ``STRAY_TOLERANCE``) stops the run with an error. ``outer_steps`` repeats this step.
 2. **Locals, random walk** (``local_steps`` times), all individuals at once: given the outer
    sites the target factorizes over individuals, so every individual's proposal
    :math:`u_i' = u_i + a\, \mathrm{sd}_q(u_i) \odot \varepsilon` (all its local sites
@@ -94,6 +95,9 @@ START_PARTICLES = 16
 ELEMENTWISE_GROUPS = 16  # group sites with at most this many groups move group by group
 MIN_WARMUP_TO_GROUP = 10  # warm-up sweeps that record footprints before moves are grouped
 RECORD_SYSTEMS = 1 << 15  # chains x individuals evaluated together when recording states
+# a grouped pass changing a term outside its moves' footprints by less than this (relative)
+# is round-off (float32 sums of trajectories laid out differently), not a dependency
+STRAY_TOLERANCE = 1e-5
 
 
 def _latent(site: dict) -> bool:
@@ -229,10 +233,13 @@ def _totals(
     return outer, local
 
 
-def _changed(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+def _changed(new: torch.Tensor, old: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
     """``(E,)``: the elements of ``(C, E)`` terms that differ in some chain (NaN equal to NaN,
-    -inf to -inf)."""
+    -inf to -inf), by more than ``tolerance * (1 + |old|)`` where both are finite."""
     same = (new == old) | (torch.isnan(new) & torch.isnan(old))
+    if tolerance:
+        close = (new - old).abs() <= tolerance * (1 + old.abs())
+        same = same | (close & torch.isfinite(new) & torch.isfinite(old))
     return ~same.all(0)
 
 
@@ -252,7 +259,7 @@ def _check_strays(
     be wrong."""
     strays = []
     for k in old:
-        changed = _changed(new[k], old[k])
+        changed = _changed(new[k], old[k], STRAY_TOLERANCE)
         for fp in footprints:
             if k in fp:
                 changed = changed & ~fp[k]
@@ -295,6 +302,7 @@ def particle_gibbs(
     warmup: int = 200,
     num_particles: int = 16,
     local_steps: int = 1,
+    outer_steps: int = 1,
     progress: bool = False,
     record: Callable[[LogWeights, torch.Tensor], Any] = lambda weights, chosen: chosen,
 ) -> tuple[list[Any], dict[str, Any]]:
@@ -309,11 +317,11 @@ def particle_gibbs(
     Call it through :meth:`pyro_hds.FitResult.gibbs`, which turns the result into a
     :class:`~pyro_hds.Posterior`.
     """
-    if min(num_samples, num_chains, num_particles) < 1 or min(warmup, local_steps) < 0:
+    if min(num_samples, num_chains, num_particles, outer_steps) < 1 or min(warmup, local_steps) < 0:
         raise ValueError(
-            "gibbs(): need num_samples >= 1, num_chains >= 1, warmup >= 0, num_particles >= 1 "
-            f"and local_steps >= 0 (got {num_samples}, {num_chains}, {warmup}, "
-            f"{num_particles}, {local_steps})"
+            "gibbs(): need num_samples >= 1, num_chains >= 1, warmup >= 0, num_particles >= 1, "
+            f"local_steps >= 0 and outer_steps >= 1 (got {num_samples}, {num_chains}, "
+            f"{warmup}, {num_particles}, {local_steps}, {outer_steps})"
         )
     if num_particles == 1 and local_steps == 0:
         raise ValueError(
@@ -428,7 +436,12 @@ def particle_gibbs(
                 grouped = group_from is not None and sweep >= group_from
                 if sweep == group_from:
                     groups = _group_blocks(footprints)
-                for group in groups if grouped else singles:
+                if not grouped:
+                    # the terms of the state from one pass, so that a footprint holds what a
+                    # move changed and not round-off: the walk's passes computed some
+                    # individuals' terms from differently laid out trajectories
+                    terms = _site_terms(passes.run(1, outer, local, model_only=True))
+                for group in (groups if grouped else singles) * outer_steps:
                     given = dict(outer)
                     moves = []
                     for i in group:
@@ -483,7 +496,7 @@ def particle_gibbs(
                                 change if mask is None else change * mask
                             )
                         else:
-                            accepted[name] += rate / blocks[name]
+                            accepted[name] += rate / (blocks[name] * outer_steps)
                 # 2. the locals by a random walk, every individual at once: given the globals
                 # the target factorizes over individuals, so each is accepted on its own
                 if walk.learning(sweep):
@@ -541,6 +554,7 @@ def particle_gibbs(
         "warmup": warmup,
         "num_particles": num_particles,
         "local_steps": local_steps,
+        "outer_steps": outer_steps,
         "outer_groups": [[_block_name(outer_blocks[i]) for i in group] for group in groups],
     }
     return records, diagnostics

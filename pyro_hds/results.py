@@ -371,6 +371,7 @@ class FitResult:
         warmup: int = 200,
         num_particles: int = 16,
         local_steps: int = 1,
+        outer_steps: int = 1,
         seed: int | None = None,
         progress: bool = True,
     ) -> Posterior:
@@ -395,6 +396,11 @@ class FitResult:
             random-walk step; with a guide whose draws rarely win (``local_move_rate`` of a
             few percent) a few random-walk steps and ``num_particles=1`` move the locals for
             less.
+        :param outer_steps: Metropolis steps on the global and group sites per sweep. In a
+            centred model they solve no ODE and cost little beside the locals' steps, and a
+            second one can mix the population parameters much faster (a scratch probe on the
+            benchmark's PK model: smallest bulk ESS 198 against 62 of 1000 draws for 23%
+            more time).
         :returns: a :class:`Posterior` whose draws are ``num_chains`` chains one after another
             (``num_chains`` set), with ``diagnostics``: ``acceptance`` and ``step_size`` per
             global and group site (a group site of at most 16 groups moves, and adapts its
@@ -424,6 +430,7 @@ class FitResult:
             warmup=warmup,
             num_particles=num_particles,
             local_steps=local_steps,
+            outer_steps=outer_steps,
             progress=progress,
             record=self._resample,
         )

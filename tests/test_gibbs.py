@@ -76,11 +76,13 @@ def biased():
 
 
 @pytest.mark.parametrize(
-    "num_particles, local_steps",
-    [(8, 1), (8, 0), (1, 3)],
-    ids=["walk+importance", "importance", "walk"],
+    "num_particles, local_steps, outer_steps",
+    [(8, 1, 1), (8, 0, 1), (1, 3, 2)],
+    ids=["walk+importance", "importance", "walk, two outer steps"],
 )
-def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased, num_particles, local_steps):
+def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(
+    biased, num_particles, local_steps, outer_steps
+):
 
     _, mean, sd, result = biased
     post = result.gibbs(
@@ -89,10 +91,12 @@ def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(biased, num_part
         warmup=200,
         num_particles=num_particles,
         local_steps=local_steps,
+        outer_steps=outer_steps,
         seed=0,
         progress=False,
     )
     assert post.num_chains == 8 and post.samples["mu"].shape == (12000,)
+    assert post.diagnostics["outer_steps"] == outer_steps
     assert_exact(post, "", mean, sd)
 
     # the importance-resampled draws keep the guide's globals: mu is 3 SDs off (by
@@ -129,6 +133,8 @@ def test_gibbs_options_and_errors(biased):
         result.gibbs(num_samples=4, num_particles=1, local_steps=0)
     with pytest.raises(ValueError, match="num_chains >= 1"):
         result.gibbs(num_samples=4, num_chains=0)
+    with pytest.raises(ValueError, match="outer_steps >= 1"):
+        result.gibbs(num_samples=4, outer_steps=0)
     # a subset of a larger data set would give the posterior of the wrong likelihood
     from test_objectives import subset
 
@@ -228,14 +234,15 @@ def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(
     plain = result.gibbs(**options)
     for name in ("sigma", "cl_group", "ka", "x"):
         torch.testing.assert_close(reused.samples[name], plain.samples[name], rtol=0, atol=0)
-    # per sweep: 9 outer passes (6 globals, then cl_group's 3 groups one at a time), then
-    # the random-walk passes and the importance pass. Of the outer passes none solves in the
-    # first sweep (the start's pass had the same locals). After an importance step the
-    # first in every later sweep solves (its locals came from a pass of K particles); after
-    # the random walk alone it does not either: each individual's locals are those of one of
-    # the walk's last passes, whose solutions are put together
+    # per sweep (never grouped: warm-up < 10): a pass at the state, 9 outer passes (6
+    # globals, then cl_group's 3 groups one at a time), then the random-walk passes and the
+    # importance pass. Of the first ten none solves in the first sweep (the start's pass had
+    # the same locals). After an importance step the first in every later sweep solves (its
+    # locals came from a pass of K particles); after the random walk alone it does not
+    # either: each individual's locals are those of one of the walk's last passes, whose
+    # solutions are put together
     sweeps = 3 + 6
-    saved = 9 + 8 * (sweeps - 1) if num_particles > 1 else 9 * sweeps
+    saved = 10 + 9 * (sweeps - 1) if num_particles > 1 else 10 * sweeps
     assert len(calls) - solved_reused == saved
 
 
