@@ -222,15 +222,11 @@ def _local_keys(weights: LogWeights) -> frozenset[str]:
     return frozenset(names | {"_failed_local"})
 
 
-def _totals(
-    terms: dict[str, torch.Tensor], local_keys: frozenset[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C,)`` the sum of the terms outside the individuals plate and ``(C, N)`` each
-    individual's log p(y_i, z_i | theta)."""
-    outer = sum(t.sum(-1) for k, t in terms.items() if k not in local_keys)
-    local = sum(t for k, t in terms.items() if k in local_keys)
-    assert isinstance(outer, torch.Tensor) and isinstance(local, torch.Tensor)
-    return outer, local
+def _local_total(terms: dict[str, torch.Tensor], local_keys: frozenset[str]) -> torch.Tensor:
+    """``(C, N)``: each individual's log p(y_i, z_i | theta), the sum of its terms."""
+    local = sum(t for k, t in terms.items() if k in local_keys)  # the terms' order
+    assert isinstance(local, torch.Tensor)
+    return local
 
 
 def _changed(new: torch.Tensor, old: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
@@ -259,6 +255,8 @@ def _check_strays(
     be wrong."""
     strays = []
     for k in old:
+        if torch.equal(new[k], old[k]):  # most terms: one comparison
+            continue
         changed = _changed(new[k], old[k], STRAY_TOLERANCE)
         for fp in footprints:
             if k in fp:
@@ -394,6 +392,7 @@ def particle_gibbs(
         local_keys = _local_keys(start)
         local_shape = terms["_failed_local"].shape
         device = terms["_failed_local"].device
+        zero = torch.zeros((), dtype=torch.float64, device=device)
         nblocks = len(outer_blocks)
         footprints: list[Footprint] = [{} for _ in range(nblocks)]
         singles = [[i] for i in range(nblocks)]
@@ -477,7 +476,6 @@ def particle_gibbs(
                                 terms[k] = torch.where(accept[:, None], new_terms[k], terms[k])
                         else:  # the elements of its footprint alone
                             fp = footprints[i]
-                            zero = torch.zeros((), dtype=torch.float64, device=device)
                             diff = sum(
                                 torch.where(fp[k], new_terms[k] - terms[k], zero).sum(-1)
                                 for k in fp
@@ -507,8 +505,8 @@ def particle_gibbs(
                 for _ in range(local_steps):
                     proposals, log_jac = walk.propose(local, math.exp(log_local_step))
                     new_terms = _site_terms(passes.run(1, outer, proposals, model_only=True))
-                    _, local_lp = _totals(terms, local_keys)
-                    _, new_local = _totals(new_terms, local_keys)
+                    local_lp = _local_total(terms, local_keys)
+                    new_local = _local_total(new_terms, local_keys)
                     accept = _accept(new_local - local_lp + log_jac)  # (C, N)
                     for name in local_names:
                         local[name] = _where(accept, proposals[name], local[name])

@@ -507,24 +507,25 @@ def _recall(kept: list[tuple[tuple, Solution]], call: tuple) -> Solution | None:
         pieces.append((match.expand(batch), solution))
     if not pieces or not bool(torch.stack([m for m, _ in pieces]).any(0).all()):
         return None
+
+    def pick(m: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return torch.where(m.reshape(*m.shape, *([1] * (new.dim() - m.dim()))), new, old)
+
     merged = pieces[0][1]
     for match, solution in pieces[1:]:  # later calls take precedence
-
-        def pick(new: torch.Tensor, old: torch.Tensor, m: torch.Tensor = match) -> torch.Tensor:
-            return torch.where(m.reshape(*m.shape, *([1] * (new.dim() - m.dim()))), new, old)
-
         reached = None
         if merged.reached is not None or solution.reached is not None:
             every = torch.ones_like(solution.ys[..., 0], dtype=torch.bool)
             reached = pick(
+                match,
                 every if solution.reached is None else solution.reached,
                 every if merged.reached is None else merged.reached,
             )
         merged = Solution(
-            ys=pick(solution.ys, merged.ys),
-            status=pick(solution.status, merged.status),
-            num_steps=pick(solution.num_steps, merged.num_steps),
-            num_rejected=pick(solution.num_rejected, merged.num_rejected),
+            ys=pick(match, solution.ys, merged.ys),
+            status=pick(match, solution.status, merged.status),
+            num_steps=pick(match, solution.num_steps, merged.num_steps),
+            num_rejected=pick(match, solution.num_rejected, merged.num_rejected),
             ts=solution.ts,
             reached=reached,
         )
