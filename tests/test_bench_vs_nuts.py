@@ -266,11 +266,14 @@ def test_quick_run_with_ode_nuts_and_no_new_individuals(numpyro_installed):
         "1",
         "--gibbs-local-steps",
         "2",
+        "--gibbs-outer-steps",
+        "2",
     )
     # the draws by particle Gibbs: 20 draws, 2 chains, 4 warm-up sweeps, no importance step
     assert (
         "20 draws by particle Gibbs (2 chains, 4 warm-up sweeps, K = 1 in the importance "
-        "step, 2 random-walk steps on the locals per sweep)" in out
+        "step, 2 random-walk steps on the locals and 2 on the global and group sites per "
+        "sweep)" in out
     )
     assert "importance step none;" in out
     chains = re.search(
