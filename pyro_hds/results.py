@@ -112,42 +112,60 @@ def _level(site: dict) -> str:
 
 
 def _pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
-    """Pareto k-hat of importance weights along the last dim (ArviZ's PSIS: the shape of a
-    generalised Pareto distribution fitted to the largest weights; above 0.7 the importance
-    estimate is unreliable); NaN when the tail has fewer than 5 draws (K < 25).
+    r"""Pareto k-hat of importance weights along the last dim: the shape of a generalised
+    Pareto distribution fitted to the largest weights (PSIS, Vehtari et al. 2024; above 0.7
+    the importance estimate is unreliable); NaN when the tail has fewer than 5 draws
+    (K < 25).
+
+    The estimate is PSIS's, as ArviZ computes it row by row (``array_stats.psislw`` with
+    ``r_eff = 1``), vectorized over rows: with the :math:`K` log weights of a row shifted to
+    a maximum of 0 and sorted, the tail is the largest :math:`M = \lfloor K / 5 \rfloor`
+    (:math:`\lfloor 3 \sqrt K \rfloor` when :math:`K > 225`) weights less the largest weight
+    below them, :math:`x_1 \le \dots \le x_M`. The empirical-Bayes fit of Zhang and Stephens
+    (2009) averages the profile estimates over the grid
+    :math:`b_j = 1 / x_M + (1 - \sqrt{m / (j - 1/2)}) / (3 x_{\lfloor M/4 + 1/2 \rfloor})`,
+    :math:`j = 1..m`, :math:`m = 30 + \lfloor \sqrt M \rfloor`, with weights proportional
+    to :math:`\exp\{M (\log(-b_j / k_j) - k_j - 1)\}`,
+    :math:`k_j = \frac1M \sum_i \log(1 - b_j x_i)`; then
+    :math:`\hat k = \frac1M \sum_i \log(1 - \bar b x_i)`, shrunk towards 1/2 by a weak
+    prior: :math:`(M \hat k + 5) / (M + 10)`. One call costs a few vectorized operations
+    whatever the number of rows (ArviZ's loop took about 0.4 ms per row: 20 s for 500
+    outer draws of 100 individuals).
 
     A set of weights whose tail cannot be fitted (fewer nonzero weights than the tail has
     draws, e.g. when most particles' ODE solutions failed, or a tail of equal values) gets
     k-hat = inf: the importance sampler is as unreliable as it gets."""
-    from arviz_stats.base import array_stats
-
     lw = log_weights.detach().double().cpu().numpy()
     k = lw.shape[-1]
-    tail_draws = min(0.2 * k, 3 * math.sqrt(k))  # PSIS's tail length (r_eff = 1)
-    if tail_draws < 5:
+    m_tail = math.floor(3 * math.sqrt(k)) if k > 225 else k // 5
+    if m_tail < 5:
         return torch.full(lw.shape[:-1], math.nan, dtype=torch.float64)
     flat = np.nan_to_num(lw.reshape(-1, k), nan=-1e300, neginf=-1e300)
-
-    def fit(rows: np.ndarray) -> np.ndarray:
-        # array_stats.psislw takes log-likelihood-like values and smooths the weights
-        # exp(-ary) (its LOO use): pass the negated log weights, or it fits the tail of 1 / w
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            khat = array_stats.psislw(-rows, r_eff=1.0, axis=-1)[1]
-        return np.asarray(khat, dtype=np.float64).reshape(-1)
-
     khat = np.full(flat.shape[0], math.inf)
     # a tail that reaches zero weights (failed particles) says nothing about the tail's shape
-    fitted = (flat > -1e300).sum(-1) > math.ceil(tail_draws)
-    if fitted.any():
-        try:
-            khat[fitted] = fit(flat[fitted])
-        except ValueError:  # a tail of equal values fails the whole call: fit rows one by one
-            for i in np.flatnonzero(fitted):
-                try:
-                    khat[i] = fit(flat[i : i + 1])[0]
-                except ValueError:
-                    pass
-    khat = np.where(np.isfinite(khat), khat, math.inf)
+    fitted = np.flatnonzero((flat > -1e300).sum(-1) > m_tail)
+    grid = 30 + int(math.sqrt(m_tail))
+    base = 1.0 - np.sqrt(grid / (np.arange(1, grid + 1, dtype=np.float64) - 0.5))  # (m,)
+    quarter = int(m_tail / 4 + 0.5) - 1
+    eps = np.finfo(np.float64)
+    for lo in range(0, fitted.size, 4096):  # (rows, m, M) temporaries of a few MB
+        rows = fitted[lo : lo + 4096]
+        part = flat[rows]
+        part = np.sort(part - part.max(-1, keepdims=True), axis=-1)[:, -(m_tail + 1) :]
+        tail = part[:, 1:]
+        ok = (tail[:, -1] - tail[:, 0]) >= eps.tiny  # a tail of equal values cannot be fitted
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            x = np.exp(tail) - np.exp(part[:, :1])  # (R, M), ascending
+            b = base / (3.0 * x[:, quarter : quarter + 1]) + 1.0 / x[:, -1:]  # (R, m)
+            k_b = np.log1p(-b[:, :, None] * x[:, None, :]).mean(-1)  # (R, m)
+            profile = m_tail * (np.log(-b / k_b) - k_b - 1.0)
+            weights = np.exp(profile - profile.max(-1, keepdims=True))
+            weights /= weights.sum(-1, keepdims=True)
+            weights = np.where(weights >= 10 * eps.eps, weights, 0.0)  # as ArviZ drops them
+            b_post = (b * weights).sum(-1) / weights.sum(-1)
+            est = np.log1p(-b_post[:, None] * x).mean(-1)
+        est = (m_tail * est + 10 * 0.5) / (m_tail + 10)
+        khat[rows] = np.where(ok & np.isfinite(est), est, math.inf)
     return torch.as_tensor(khat.reshape(lw.shape[:-1]))
 
 

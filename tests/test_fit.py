@@ -315,6 +315,27 @@ def test_pareto_k_of_degenerate_weights_is_inf_not_an_error():
     assert math.isinf(float(khat[2])) or float(khat[2]) < 0.5
 
 
+@pytest.mark.parametrize("k", [25, 64, 300])
+def test_pareto_k_matches_arviz_psis_row_by_row(k):
+    """The vectorized k-hat is ArviZ's PSIS estimate (the reference implementation) for every
+    row: Pareto tails of several shapes and a light (log-normal) tail, K on both sides of
+    PSIS's switch from K / 5 to 3 sqrt(K) tail draws."""
+    import numpy as np
+    from arviz_stats.base import array_stats
+
+    from pyro_hds.results import _pareto_k
+
+    gen = np.random.default_rng(k)
+    shapes = [0.1, 0.3, 0.6, 0.9, 1.4]
+    lw = np.concatenate(
+        [-s * np.log(gen.uniform(size=(8, k))) for s in shapes] + [3 * gen.normal(size=(8, k))]
+    )
+    reference = np.asarray(array_stats.psislw(-lw, r_eff=1.0, axis=-1)[1])
+    khat = _pareto_k(torch.tensor(lw).reshape(6, 8, k))
+    assert khat.shape == (6, 8)
+    np.testing.assert_allclose(khat.reshape(-1).numpy(), reference, rtol=1e-12, atol=1e-12)
+
+
 def test_long_lived_objects_are_kept_from_the_collector_during_a_fit(small_data):
     # after the first step, the objects alive then sit in the permanent generation (full
     # collections do not walk them); the fit returns them, even when it fails, and leaves a
