@@ -6,7 +6,10 @@ Run ``python -m pyro_hds.demo`` (``--help`` for options). It
    ``pyro_hds.models.pk_oral`` with known parameters (two doses each, 14 samples, noise);
 2. fits the hierarchical model with the amortized guide (an MLP encoder; ``--semi-amortized``
    adds a learned correction per training individual) and the hierarchical IWAE bound
-   (K = 64 inner particles, DReG gradients for the local guide);
+   (K = 64 inner particles, DReG gradients for the local guide); the ODE is integrated by
+   ``RK4(substeps=4, compile=True)`` when a C++ compiler is on the path (each interval one
+   fused kernel, forward and backward: about 1.7x faster per step here after a compile of
+   about 15 s), else eagerly (``--no-compile`` forces that);
 3. prints a posterior summary of the population and group parameters beside the true values,
    and how often the 90% intervals of the individual parameters cover the truth
    (``--gibbs CHAINS WARMUP``: posterior draws by particle Gibbs instead of importance
@@ -19,6 +22,8 @@ Run ``python -m pyro_hds.demo`` (``--help`` for options). It
 from __future__ import annotations
 
 import argparse
+import functools
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         prog="python -m pyro_hds.demo", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", default="pyro_hds_demo", help="output directory")
-    parser.add_argument("--steps", type=int, default=1500, help="optimisation steps")
+    parser.add_argument("--steps", type=int, default=1000, help="optimisation steps")
     parser.add_argument("--particles", type=int, default=64, help="IWAE inner particles K")
     parser.add_argument(
         "--encoder",
@@ -61,6 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="draw the posterior by particle Gibbs (FitResult.gibbs) with this many chains and "
         "warm-up sweeps: exact draws that also correct the guide's population parameters",
     )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="integrate eagerly even when a C++ compiler is available for torch.compile",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -79,13 +89,22 @@ def main(argv: list[str] | None = None) -> dict:
     from pyro_hds.encoders import ConvEncoder, MLPEncoder
     from pyro_hds.guides import AmortizedGuide
 
+    compile_ode = not args.no_compile and compiler_available()
+    model = functools.partial(pk_oral.model, solver=pyro_hds.RK4(substeps=4, compile=compile_ode))
+    print(
+        "solver: RK4(substeps=4, compile=True), one fused kernel per interval"
+        if compile_ode
+        else "solver: RK4(substeps=4), eager"
+        + ("" if args.no_compile else " (no C++ compiler on the path for torch.compile)")
+    )
+
     shape = (data.num_times, data.num_channels)
     pyro.set_rng_seed(args.seed)  # the encoder's initial weights come from the generator now
     encoder = MLPEncoder(*shape) if args.encoder == "mlp" else ConvEncoder(*shape)
     result = pyro_hds.fit(
-        pk_oral.model,
+        model,
         data,
-        guide=AmortizedGuide(pk_oral.model, encoder=encoder, semi_amortized=args.semi_amortized),
+        guide=AmortizedGuide(model, encoder=encoder, semi_amortized=args.semi_amortized),
         objective=pyro_hds.IWAE(num_particles=args.particles, dreg=not args.no_dreg),
         num_steps=args.steps,
         batch_size=min(args.batch_size, len(data)),
@@ -158,6 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
     plot_training(result.history, path=str(out / "pk_training.png"))
     print(f"\nwrote {nc_path} (ArviZ DataTree), {fig_path} and {out / 'pk_training.png'}")
     return {"rows": rows, "coverage": coverage, "fit_seconds": fit_seconds, "result": result}
+
+
+def compiler_available() -> bool:
+    """Whether a C++ compiler that torch.compile's CPU backend can call is on the path (the
+    ``CXX`` variable, else ``c++``, ``g++`` or ``clang++``)."""
+    import os
+
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return any(shutil.which(name) for name in names)
 
 
 if __name__ == "__main__":
