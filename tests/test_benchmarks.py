@@ -81,6 +81,7 @@ def test_choose_finds_loosest_accurate_setting(bench, start):
     assert best is None
 
 
+@pytest.mark.slow  # about two minutes: eight solvers timed on two batches, compiling included
 def test_quick_run():
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick"],
