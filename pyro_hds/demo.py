@@ -8,8 +8,9 @@ Run ``python -m pyro_hds.demo`` (``--help`` for options). It
    adds a learned correction per training individual) and the hierarchical IWAE bound
    (K = 64 inner particles, DReG gradients for the local guide); the ODE is integrated by
    ``RK4(substeps=4, compile=True)`` when a C++ compiler is on the path (each interval one
-   fused kernel, forward and backward: about 1.7x faster per step here after a compile of
-   about 15 s), else eagerly (``--no-compile`` forces that);
+   fused kernel, forward and backward: about 1.7x faster per step here; compiling takes
+   about 45 s on a fresh install and little once inductor's on-disk cache holds the
+   kernels), else eagerly (``--no-compile`` forces that);
 3. prints a posterior summary of the population and group parameters beside the true values,
    and how often the 90% intervals of the individual parameters cover the truth
    (``--gibbs CHAINS WARMUP``: posterior draws by particle Gibbs instead of importance
