@@ -7,12 +7,13 @@ call of a solver pays one-time costs: allocator growth, lazy imports, autograd g
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +79,29 @@ def format_seconds(seconds: float) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.3g} ms"
     return f"{seconds:.3g} s"
+
+
+@contextlib.contextmanager
+def cold_compile() -> Iterator[None]:
+    """Run a block with ``torch.compile``'s caches as a fresh install has them: empty.
+
+    A timed run with ``compile=True`` must pay for its compiling as a user's first run does.
+    Left alone, it would not: kernels compiled earlier in the process (an earlier size, an
+    earlier fold) are reused whatever the batch size, and inductor keeps compiled graphs and
+    kernels on disk (``/tmp/torchinductor_$USER``) from earlier processes, which cut a PK
+    fit's compiling from about 45 s to nearly nothing here. Inside the block dynamo's caches
+    and pyro_hds's compiled solver functions are reset and inductor works in a new temporary
+    cache directory (``torch._inductor.utils.fresh_cache``, which also clears its in-memory
+    caches), removed afterwards."""
+    import torch._dynamo
+    import torch._inductor.utils as inductor_utils
+
+    from pyro_hds.solvers import _integrate
+
+    fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    torch._dynamo.reset()
+    _integrate._COMPILED.clear()
+    with fresh():
+        yield
+    torch._dynamo.reset()
+    _integrate._COMPILED.clear()

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 
 import pyro
 import torch
-from _common import environment, format_seconds, set_threads
+from _common import cold_compile, environment, format_seconds, set_threads
 
 import pyro_hds
 from pyro_hds.datasets import folds, load_vihds, train_test
@@ -148,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    with breakdown(lambda: current[0]) if args.breakdown else _nothing() as phase_times:
+    with (
+        breakdown(lambda: current[0]) if args.breakdown else _nothing() as phase_times,
+        cold_compile() if args.compile else _nothing(),  # the warm-up epoch compiles from scratch
+    ):
         pyro_hds.fit(
             functools.partial(dr.model, solver=Heun(compile=args.compile)),
             train,

@@ -45,6 +45,7 @@ bound diverges (its clipped-sample defect, see docs/vihds.md); seed 1 is the one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import math
@@ -60,7 +61,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from _common import environment, set_threads
+from _common import cold_compile, environment, set_threads
 
 import pyro_hds
 from pyro_hds.datasets import ChannelScaler, folds, load_vihds, train_test
@@ -178,18 +179,23 @@ def run_pyro_hds(args, data, outer: int) -> tuple[float, float, float, float, fl
             stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    result = pyro_hds.fit(
-        functools.partial(dr.model, solver=Heun(compile=args.compile)),
-        train,
-        objective=pyro_hds.IWAE(num_particles=args.particles // outer, num_outer_particles=outer),
-        num_steps=steps * args.epochs,
-        batch_size=BATCH,
-        lr=0.01,
-        lr_schedule=args.lr_schedule,
-        seed=args.seed,
-        progress=False,
-        callback=callback,
-    )
+    # compiling is timed from empty caches, as on a fresh install (not from the kernels of an
+    # earlier S in this process or of an earlier run on disk)
+    with cold_compile() if args.compile else contextlib.nullcontext():
+        result = pyro_hds.fit(
+            functools.partial(dr.model, solver=Heun(compile=args.compile)),
+            train,
+            objective=pyro_hds.IWAE(
+                num_particles=args.particles // outer, num_outer_particles=outer
+            ),
+            num_steps=steps * args.epochs,
+            batch_size=BATCH,
+            lr=0.01,
+            lr_schedule=args.lr_schedule,
+            seed=args.seed,
+            progress=False,
+            callback=callback,
+        )
     per_epoch = (stamps[-1] - start) / len(stamps)
     durations = [b - a for a, b in itertools.pairwise([start, *stamps])]
     if len(durations) > 1:

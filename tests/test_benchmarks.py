@@ -262,3 +262,29 @@ def test_vihds_vs_reference_reports_a_reference_that_stops_on_nan(tmp_path):
     assert "reference (vi-hds HEAD)" not in proc.stdout
     row = [r for r in proc.stdout.splitlines() if r.startswith("| pyro_hds, S = 1, K = 4 |")]
     assert len(row) == 1 and math.isfinite(float(row[0].split("|")[3]))
+
+
+def test_cold_compile_empties_the_compile_caches(monkeypatch, tmp_path):
+    """Timed runs with compile=True start from empty caches: a new inductor cache directory,
+    no compiled solver functions kept from earlier in the process; the caller's settings come
+    back afterwards."""
+    import os
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _common import cold_compile
+
+    from pyro_hds.solvers import _integrate
+
+    kept = dict(_integrate._COMPILED)  # what other tests compiled, put back at the end
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    _integrate._COMPILED["_pure_interval"] = lambda *args: None
+    try:
+        with cold_compile():
+            inside = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            assert inside != str(tmp_path) and os.listdir(inside) == []
+            assert "_pure_interval" not in _integrate._COMPILED
+    finally:
+        _integrate._COMPILED.clear()
+        _integrate._COMPILED.update(kept)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    assert not os.path.exists(inside)
