@@ -101,6 +101,10 @@ def test_compiled_dopri5_matches_the_eager_loop_in_values_steps_and_gradients():
     torch.autograd.grad(sol.ys.sum(), kk)
     with torch.no_grad():
         run(True, k2, cut2, ts2, doses2, inputs2)
+    # nor grad mode with inputs that need no gradient (a model run before training): the
+    # no-grad kernel serves it
+    plain = run(True, k2, cut2, ts2, doses2, inputs2)
+    assert not plain.ys.requires_grad
     assert counters["stats"]["unique_graphs"] == 2
 
 
@@ -166,7 +170,11 @@ def test_compiled_fixed_step_matches_the_eager_loop(method):
     torch.testing.assert_close(g_fused, g_eager, rtol=1e-9, atol=1e-12)
     # no new kernel for another batch size or under no_grad beyond one per grad mode
     with torch.no_grad():
-        run_fixed(True, k[:7], n=7)
+        quiet = run_fixed(True, k[:7], n=7)
+    # grad mode with inputs that need no gradient: the no-grad kernel, the same values
+    plain = run_fixed(True, k[:7], n=7)
+    assert not plain.ys.requires_grad
+    torch.testing.assert_close(plain.ys, quiet.ys, rtol=0, atol=0)
     assert counters["stats"]["unique_graphs"] == 2
 
 

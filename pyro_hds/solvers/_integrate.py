@@ -24,6 +24,7 @@ land exactly on each element's next grid point; finished elements stop counting 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -135,6 +136,20 @@ def _compiled(fn: Callable[..., tuple]) -> Callable[..., tuple]:
 
         _COMPILED[fn.__name__] = call
     return call
+
+
+def _grad_mode(*tensors: torch.Tensor | None, params: dict[str, torch.Tensor] | None):
+    """The grad mode to call a compiled kernel in: ``torch.no_grad()`` when no input needs a
+    gradient. ``torch.compile`` guards on the grad mode, so a kernel called under grad mode
+    with inputs that need none (a model run before training, outside ``no_grad``) would
+    compile a third variant of the same forward computation beside the no-grad and the
+    training ones (several seconds to tens of seconds on a fresh install)."""
+    if torch.is_grad_enabled() and not (
+        any(x is not None and x.requires_grad for x in tensors)
+        or any(v.requires_grad for v in (params or {}).values())
+    ):
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 def _fused_params(fused: FusedRhs) -> dict[str, torch.Tensor]:
@@ -269,11 +284,13 @@ def integrate_fixed(
     non-finite value, the interval is run again from its start with a check after every step,
     and the elements that fail are dropped from the computation (see the module docstring).
     With ``fused``, an interval is one compiled kernel (:func:`_pure_interval`) over the
-    elements that have not failed; the first interval runs eagerly when ``y0`` does not
-    require grad under grad mode (so that one kernel serves the rest), and checking runs
-    eagerly. When an interval fails, the checking path finds the failing elements and the
-    kernel computes the others again: the kernel gives an element the same bits in any
-    batch, so an element's solution does not depend on whether others failed.
+    elements that have not failed; the first interval runs eagerly when the params (or
+    times) need a gradient and ``y0`` does not (so that one kernel serves the rest), a solve
+    that needs no gradient calls the no-grad kernel even under grad mode
+    (:func:`_grad_mode`), and checking runs eagerly. When an interval fails, the checking
+    path finds the failing elements and the kernel computes the others again: the kernel
+    gives an element the same bits in any batch, so an element's solution does not depend
+    on whether others failed.
     An interval of length zero for every element (a dose at ``t0``, a dose at an observation
     time) is skipped: its state is the previous point's (:meth:`Schedule.zero_length`).
     """
@@ -319,9 +336,16 @@ def integrate_fixed(
         return y + (torch.where(dead[:, None], jump.new_zeros(()), jump) if any_dead else jump)
 
     params = kernel = None
+    # the first interval runs eagerly when the kernel would need a gradient that y0 lacks
+    eager_first = False
     if fused is not None:
         params = _fused_params(fused)
         kernel = _compiled(_pure_interval)
+        eager_first = torch.is_grad_enabled() and (
+            any(v.requires_grad for v in params.values())
+            or sched.points.requires_grad
+            or sched.t0.requires_grad
+        )
     alive: torch.Tensor | None = None  # the rows still solved, once some failed
     subset: dict[str, Any] = {"rows": None, "params": params}
 
@@ -346,9 +370,10 @@ def integrate_fixed(
         # kernel serves them all. y enters as a contiguous (S, B) tensor and leaves as its
         # (B, S) transpose, which _gather_outputs stacks without moving values
         t_in = t.clone(memory_format=torch.contiguous_format)
-        y_sm, top = kernel(
-            method, substeps, fused.rhs, t_in, _state_major_copy(y_in), h_t, subset["params"], u
-        )
+        with _grad_mode(t_in, y_in, h_t, u, params=subset["params"]):
+            y_sm, top = kernel(
+                method, substeps, fused.rhs, t_in, _state_major_copy(y_in), h_t, subset["params"], u
+            )
         out = y_sm.t()
         if rows is not None:
             out = torch.index_copy((y if base is None else base).detach(), 0, rows, out)
@@ -362,7 +387,7 @@ def integrate_fixed(
             y = dosed(y, p)
             continue
         h = float(target - t) / substeps if scalar_h else (target - t) / substeps
-        if kernel is not None and not (first and torch.is_grad_enabled() and not y.requires_grad):
+        if kernel is not None and not (first and eager_first and not y.requires_grad):
             y_start = y
             y, healthy = fused_interval(y_start, t, h, alive)
             if not healthy:
@@ -767,9 +792,10 @@ def integrate_dopri5(
         if step_kernel is not None and y.requires_grad == k1.requires_grad:
             assert fused is not None
             u = None if fused.inputs is None else fused.inputs(t, None if full else rows)
-            out = step_kernel(
-                fused.rhs, t, y, h, k1, tt, active, steps, rejected, fused_params, u, ctl
-            )
+            with _grad_mode(t, y, h, k1, tt, u, params=fused_params):
+                out = step_kernel(
+                    fused.rhs, t, y, h, k1, tt, active, steps, rejected, fused_params, u, ctl
+                )
             total, top, smallest = out[-1].tolist()
             # a failing step (see below) is done again by the eager path
             fused_ok = total - total == 0.0 and top <= limit
