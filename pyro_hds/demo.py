@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress=not args.no_progress,
     )
     fit_seconds = time.perf_counter() - started
+    drawing = time.perf_counter()
     if args.gibbs is None:
         posterior = result.posterior(num_samples=args.samples, num_particles=args.particles, seed=1)
     else:
@@ -128,7 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
         accept = ", ".join(f"{k} {v:.2f}" for k, v in posterior.diagnostics["acceptance"].items())
         print(f"\nparticle Gibbs: {args.gibbs[0]} chains, acceptance rates {accept}")
 
-    print(f"\nfit: {args.steps} steps in {fit_seconds:.1f} s")
+    draw_seconds = time.perf_counter() - drawing
+    print(
+        f"\nfit: {args.steps} steps in {fit_seconds:.1f} s; {args.samples} posterior draws in "
+        f"{draw_seconds:.1f} s"
+    )
     print("\nposterior summary (population and group parameters)")
     header = f"{'site':<14}{'true':>9}{'mean':>9}{'sd':>9}{'5%':>9}{'95%':>9}  covered"
     print(header)
@@ -163,20 +168,26 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     new_data, new_truth = pk_oral.simulate(num_groups=3, per_group=7, seed=args.seed + 100)
+    predicting = time.perf_counter()
     new_post = result.predict(new_data, num_samples=args.samples, num_particles=args.particles)
+    predict_seconds = time.perf_counter() - predicting
     err = (new_post.samples["cl"].mean(0) / new_truth["cl"]).log().abs().median()
     print(
-        f"\n{len(new_data)} NEW individuals predicted without retraining: median |log error| "
-        f"of clearance {float(err):.3f}"
+        f"\n{len(new_data)} NEW individuals predicted without retraining in "
+        f"{predict_seconds:.1f} s: median |log error| of clearance {float(err):.3f}"
     )
 
+    writing = time.perf_counter()
     tree = pyro_hds.to_datatree(posterior, data)
     nc_path = out / "pk_posterior.nc"
     tree.to_netcdf(nc_path)
     fig_path = out / "pk_fits.png"
     plot_fits(posterior, data, "y", path=str(fig_path))
     plot_training(result.history, path=str(out / "pk_training.png"))
-    print(f"\nwrote {nc_path} (ArviZ DataTree), {fig_path} and {out / 'pk_training.png'}")
+    print(
+        f"\nwrote {nc_path} (ArviZ DataTree), {fig_path} and {out / 'pk_training.png'} in "
+        f"{time.perf_counter() - writing:.1f} s"
+    )
     return {"rows": rows, "coverage": coverage, "fit_seconds": fit_seconds, "result": result}
 
 
