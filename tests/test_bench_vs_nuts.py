@@ -268,7 +268,10 @@ def test_quick_run_with_ode_nuts_and_no_new_individuals(numpyro_installed):
         "2",
         "--gibbs-outer-steps",
         "2",
+        "--compile-draws",
     )
+    # an eager fit, then compiled draws (compiling from empty caches)
+    assert "RK4(substeps=4), float32 (the draws compiled)" in out
     # the draws by particle Gibbs: 20 draws, 2 chains, 4 warm-up sweeps, no importance step
     assert (
         "20 draws by particle Gibbs (2 chains, 4 warm-up sweeps, K = 1 in the importance "
