@@ -114,7 +114,10 @@ class _Passes:
 
     def __init__(self, model, guide, data, chains: int) -> None:
         self.model, self.guide, self.data, self.chains = model, guide, data, chains
-        self.nesting = IWAE(num_outer_particles=chains)._nesting(model, guide, (data,), {})
+        # without gradients, like every pass: under grad mode the guide's draws need them, so
+        # a compiled solver would compile its training kernel for this one pass
+        with torch.no_grad():
+            self.nesting = IWAE(num_outer_particles=chains)._nesting(model, guide, (data,), {})
         if self.nesting != 1:
             raise ValueError(
                 "particle_gibbs(): supports models whose plates are 'individuals' and 'groups' "

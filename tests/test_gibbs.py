@@ -206,6 +206,25 @@ def test_gibbs_on_the_pk_model_exports_chains_to_arviz(tmp_path):
     np.testing.assert_array_equal(back["posterior"]["ka"].values, tree["posterior"]["ka"].values)
 
 
+def test_gibbs_with_a_compiled_solver_compiles_only_the_no_grad_kernel():
+    # every pass of the chains runs without gradients, the set-up's plate-nesting guess too:
+    # a compiled solver must not compile its training kernel (forward and backward, tens of
+    # seconds on a fresh install) for draws that never differentiate
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    _, result = short_pk_fit(per_group=2, seed=5, num_steps=2)
+    result.model = functools.partial(pk_oral.model, solver=pyro_hds.RK4(substeps=2, compile=True))
+    torch._dynamo.reset()
+    counters.clear()
+    post = result.gibbs(
+        num_samples=4, num_chains=2, warmup=2, num_particles=2, seed=0, progress=False
+    )
+    assert post.samples["ka"].shape == (4, 6)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("num_particles, local_steps", [(4, 1), (1, 2)])
 def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(
     monkeypatch, solves, num_particles, local_steps
