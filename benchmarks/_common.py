@@ -99,9 +99,14 @@ def cold_compile() -> Iterator[None]:
     from pyro_hds.solvers import _integrate
 
     fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
-    torch._dynamo.reset()
-    _integrate._COMPILED.clear()
-    with fresh():
-        yield
-    torch._dynamo.reset()
-    _integrate._COMPILED.clear()
+
+    def forget() -> None:
+        torch._dynamo.reset()
+        _integrate._COMPILED.clear()
+
+    forget()
+    try:
+        with fresh():
+            yield
+    finally:  # the kernels point into the removed directory: never reuse them
+        forget()

@@ -138,18 +138,22 @@ def _compiled(fn: Callable[..., tuple]) -> Callable[..., tuple]:
     return call
 
 
-def _grad_mode(*tensors: torch.Tensor | None, params: dict[str, torch.Tensor] | None):
+def _needs_grad(*tensors: torch.Tensor | None, params: dict[str, torch.Tensor] | None = None):
+    """Whether grad mode is on and any of ``tensors`` or ``params`` needs a gradient (what
+    the solve decides once, not per kernel call)."""
+    return torch.is_grad_enabled() and (
+        any(x is not None and x.requires_grad for x in tensors)
+        or any(v.requires_grad for v in (params or {}).values())
+    )
+
+
+def _grad_mode(needs_grad: bool):
     """The grad mode to call a compiled kernel in: ``torch.no_grad()`` when no input needs a
     gradient. ``torch.compile`` guards on the grad mode, so a kernel called under grad mode
     with inputs that need none (a model run before training, outside ``no_grad``) would
     compile a third variant of the same forward computation beside the no-grad and the
     training ones (several seconds to tens of seconds on a fresh install)."""
-    if torch.is_grad_enabled() and not (
-        any(x is not None and x.requires_grad for x in tensors)
-        or any(v.requires_grad for v in (params or {}).values())
-    ):
-        return torch.no_grad()
-    return contextlib.nullcontext()
+    return contextlib.nullcontext() if needs_grad else torch.no_grad()
 
 
 def _fused_params(fused: FusedRhs) -> dict[str, torch.Tensor]:
@@ -336,16 +340,13 @@ def integrate_fixed(
         return y + (torch.where(dead[:, None], jump.new_zeros(()), jump) if any_dead else jump)
 
     params = kernel = None
-    # the first interval runs eagerly when the kernel would need a gradient that y0 lacks
-    eager_first = False
+    # whether the params or times need a gradient; then the first interval runs eagerly
+    # when y0 does not (the kernel would need a gradient that y0 lacks)
+    params_grad = False
     if fused is not None:
         params = _fused_params(fused)
         kernel = _compiled(_pure_interval)
-        eager_first = torch.is_grad_enabled() and (
-            any(v.requires_grad for v in params.values())
-            or sched.points.requires_grad
-            or sched.t0.requires_grad
-        )
+        params_grad = _needs_grad(sched.points, sched.t0, params=params)
     alive: torch.Tensor | None = None  # the rows still solved, once some failed
     subset: dict[str, Any] = {"rows": None, "params": params}
 
@@ -370,7 +371,7 @@ def integrate_fixed(
         # kernel serves them all. y enters as a contiguous (S, B) tensor and leaves as its
         # (B, S) transpose, which _gather_outputs stacks without moving values
         t_in = t.clone(memory_format=torch.contiguous_format)
-        with _grad_mode(t_in, y_in, h_t, u, params=subset["params"]):
+        with _grad_mode(params_grad or _needs_grad(y_in, u)):
             y_sm, top = kernel(
                 method, substeps, fused.rhs, t_in, _state_major_copy(y_in), h_t, subset["params"], u
             )
@@ -387,7 +388,7 @@ def integrate_fixed(
             y = dosed(y, p)
             continue
         h = float(target - t) / substeps if scalar_h else (target - t) / substeps
-        if kernel is not None and not (first and eager_first and not y.requires_grad):
+        if kernel is not None and not (first and params_grad and not y.requires_grad):
             y_start = y
             y, healthy = fused_interval(y_start, t, h, alive)
             if not healthy:
@@ -733,11 +734,13 @@ def integrate_dopri5(
         tt = table.index_select(0, q)
 
     all_params = fused_params = step_kernel = None
+    params_grad = False  # whether the params need a gradient (the working sets' do alike)
     if fused is not None:
         all_params = _fused_params(fused)
         y = y.clone() if y._base is not None else y
         fused_params = all_params
         step_kernel = _compiled(_pure_step)
+        params_grad = _needs_grad(params=all_params)
     ctl = torch.tensor((rtol_e, atol_e, safety, dfactor, ifactor), dtype=dt, device=dev)
     n_active = b
     dirty = True  # active may have changed: count it, zero the step of inactive elements
@@ -792,7 +795,7 @@ def integrate_dopri5(
         if step_kernel is not None and y.requires_grad == k1.requires_grad:
             assert fused is not None
             u = None if fused.inputs is None else fused.inputs(t, None if full else rows)
-            with _grad_mode(t, y, h, k1, tt, u, params=fused_params):
+            with _grad_mode(params_grad or _needs_grad(t, y, h, k1, tt, u)):
                 out = step_kernel(
                     fused.rhs, t, y, h, k1, tt, active, steps, rejected, fused_params, u, ctl
                 )
