@@ -11,11 +11,15 @@ Run ``python -m pyro_hds.demo`` (``--help`` for options). It
    fused kernel, forward and backward: about 1.7x faster per step here; compiling takes
    about 45 s on a fresh install and little once inductor's on-disk cache holds the
    kernels), else eagerly (``--no-compile`` forces that);
-3. prints a posterior summary of the population and group parameters beside the true values,
-   and how often the 90% intervals of the individual parameters cover the truth
-   (``--gibbs CHAINS WARMUP``: posterior draws by particle Gibbs instead of importance
-   resampling, exact but slower);
-4. predicts 20 NEW individuals with no retraining (the encoder reads their data);
+3. draws the posterior by particle Gibbs (``FitResult.gibbs``: 8 Markov chains started and
+   proposed by the guide, whose stationary distribution is the exact posterior, so the guide's
+   errors do not reach the draws; ``--importance`` draws by importance resampling of the
+   guide instead, which corrects only the individual parameters);
+   prints a posterior summary of the population and group parameters beside the true values
+   with the chains' bulk ESS and R-hat, and how often the 90% intervals of the individual
+   parameters cover the truth;
+4. predicts 21 NEW individuals with no retraining (the encoder reads their data; at most 500
+   draws, each from ``--particles`` importance particles);
 5. writes an ArviZ netCDF file and PNG figures of the fits with 90% bands and the training
    curve into ``--out`` (default ``pyro_hds_demo/``).
 """
@@ -56,16 +60,23 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--batch-size", type=int, default=34, help="individuals per step")
     parser.add_argument("--per-group", type=int, default=34, help="individuals per group")
-    parser.add_argument("--samples", type=int, default=500, help="posterior draws")
+    parser.add_argument("--samples", type=int, default=1000, help="posterior draws")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
         "--gibbs",
         type=int,
         nargs=2,
+        default=(8, 100),
         metavar=("CHAINS", "WARMUP"),
-        help="draw the posterior by particle Gibbs (FitResult.gibbs) with this many chains and "
-        "warm-up sweeps: exact draws that also correct the guide's population parameters",
+        help="particle Gibbs (FitResult.gibbs) with this many chains and warm-up sweeps "
+        "(default: 8 100)",
+    )
+    parser.add_argument(
+        "--importance",
+        action="store_true",
+        help="draw the posterior by importance resampling of the guide (FitResult.posterior) "
+        "instead of particle Gibbs: the population parameters stay the guide's",
     )
     parser.add_argument(
         "--no-compile",
@@ -74,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.gibbs[0] < 1 or args.gibbs[1] < 0:
+        parser.error("--gibbs needs CHAINS >= 1 and WARMUP >= 0")
 
     import pyro_hds
     from pyro_hds.models import pk_oral
@@ -115,44 +128,60 @@ def main(argv: list[str] | None = None) -> dict:
     )
     fit_seconds = time.perf_counter() - started
     drawing = time.perf_counter()
-    if args.gibbs is None:
+    if args.importance:
         posterior = result.posterior(num_samples=args.samples, num_particles=args.particles, seed=1)
+        how = f"importance resampling, K = {args.particles}"
     else:
+        # no importance step (num_particles=1): the guide's local draws rarely win here (its
+        # ESS is a few of 64), so two random-walk steps move the locals for less, and two
+        # outer steps per sweep mix the population parameters (docs/benchmarks.md)
         posterior = result.gibbs(
             num_samples=args.samples,
             num_chains=args.gibbs[0],
             warmup=args.gibbs[1],
-            num_particles=16,
+            num_particles=1,
+            local_steps=2,
+            outer_steps=2,
             seed=1,
             progress=not args.no_progress,
         )
+        how = f"particle Gibbs, {args.gibbs[0]} chains after {args.gibbs[1]} warm-up sweeps"
         accept = ", ".join(f"{k} {v:.2f}" for k, v in posterior.diagnostics["acceptance"].items())
         print(f"\nparticle Gibbs: {args.gibbs[0]} chains, acceptance rates {accept}")
 
     draw_seconds = time.perf_counter() - drawing
+    chains, num_draws = posterior.num_chains, len(posterior.samples["sigma"])
     print(
-        f"\nfit: {args.steps} steps in {fit_seconds:.1f} s; {args.samples} posterior draws in "
-        f"{draw_seconds:.1f} s"
+        f"\nfit: {args.steps} steps in {fit_seconds:.1f} s; {num_draws} posterior draws "
+        f"({how}) in {draw_seconds:.1f} s"
     )
+    by_gibbs = not args.importance
     print("\nposterior summary (population and group parameters)")
     header = f"{'site':<14}{'true':>9}{'mean':>9}{'sd':>9}{'5%':>9}{'95%':>9}  covered"
+    if by_gibbs:
+        header += f"{'ess':>7}{'r_hat':>7}"
     print(header)
     print("-" * len(header))
     rows = {}
     for name in ("ka_pop", "cl_pop", "v_pop", "group_sd", "omega", "sigma", "cl_group"):
         draws = posterior.samples[name]
-        values = draws.reshape(draws.shape[0], -1)
+        values = draws.reshape(draws.shape[0], -1).double().numpy()
         true = truth[name].reshape(-1)
         labels = [name] if values.shape[1] == 1 else [f"{name}[{g}]" for g in data.group_names]
+        if by_gibbs:
+            ess, rhat = chain_diagnostics(values, chains)
         for j, label in enumerate(labels):
-            d = values[:, j].double().numpy()
+            d = values[:, j]
             lo, hi = np.quantile(d, [0.05, 0.95])
             covered = bool(lo <= float(true[j]) <= hi)
             rows[label] = (float(true[j]), d.mean(), d.std(), lo, hi, covered)
-            print(
+            line = (
                 f"{label:<14}{float(true[j]):>9.3f}{d.mean():>9.3f}{d.std():>9.3f}"
-                f"{lo:>9.3f}{hi:>9.3f}  {'yes' if covered else 'NO'}"
+                f"{lo:>9.3f}{hi:>9.3f}  {'yes' if covered else 'NO ':<7}"
             )
+            if by_gibbs:
+                line += f"{ess[j]:>7.0f}{rhat[j]:>7.3f}"
+            print(line.rstrip())
     print("\nindividual parameters: share of 90% intervals covering the truth")
     coverage = {}
     for name in ("ka", "cl", "v"):
@@ -160,16 +189,27 @@ def main(argv: list[str] | None = None) -> dict:
         lo, hi = torch.quantile(d, 0.05, dim=0), torch.quantile(d, 0.95, dim=0)
         coverage[name] = float(((lo <= truth[name]) & (truth[name] <= hi)).double().mean())
         print(f"  {name:<4}{coverage[name]:.2f}  (expected about 0.90)")
-    k = posterior.pareto_k
-    print(
-        f"\nimportance-sampling diagnostics: Pareto k-hat median {float(k.nanmedian()):.2f}, "
-        f"{int((k > 0.7).sum())} of {len(k)} individuals above 0.7; "
-        f"ESS median {float(posterior.ess.median()):.1f} of K = {args.particles}"
-    )
+    if by_gibbs:
+        print(
+            f"\nchains: ess is the bulk effective sample size of the {num_draws} draws, "
+            "r_hat the rank-normalized split R-hat (ArviZ); near 1 (say below 1.05) when "
+            "the chains agree"
+        )
+    else:
+        k = posterior.pareto_k
+        print(
+            f"\nimportance-sampling diagnostics: Pareto k-hat median {float(k.nanmedian()):.2f}, "
+            f"{int((k > 0.7).sum())} of {len(k)} individuals above 0.7; "
+            f"ESS median {float(posterior.ess.median()):.1f} of K = {args.particles}"
+        )
 
     new_data, new_truth = pk_oral.simulate(num_groups=3, per_group=7, seed=args.seed + 100)
     predicting = time.perf_counter()
-    new_post = result.predict(new_data, num_samples=args.samples, num_particles=args.particles)
+    # the cost grows with draws x particles x individuals (scratch timing, warm: 1000 x 64 x 21
+    # solves took 3.4-5.5 s, 500 x 64 x 21 0.7-0.9 s); 500 draws summarize 21 individuals
+    new_post = result.predict(
+        new_data, num_samples=min(args.samples, 500), num_particles=args.particles
+    )
     predict_seconds = time.perf_counter() - predicting
     err = (new_post.samples["cl"].mean(0) / new_truth["cl"]).log().abs().median()
     print(
@@ -189,6 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
         f"{time.perf_counter() - writing:.1f} s"
     )
     return {"rows": rows, "coverage": coverage, "fit_seconds": fit_seconds, "result": result}
+
+
+def chain_diagnostics(values: np.ndarray, chains: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bulk ESS and rank-normalized split R-hat (ArviZ) of each column of ``values`` ``(D,
+    P)``, whose ``D`` draws are ``chains`` chains of equal length one after another."""
+    import arviz_stats
+
+    per_chain = values.reshape(chains, -1, values.shape[1])
+    ess = np.asarray(arviz_stats.ess(per_chain, method="bulk"), dtype=float).reshape(-1)
+    rhat = np.asarray(arviz_stats.rhat(per_chain), dtype=float).reshape(-1)
+    return ess, rhat
 
 
 def compiler_available() -> bool:
