@@ -541,15 +541,15 @@ def summary(rows: Sequence[Row]) -> list[str]:
         if parts:
             out.append(f"{case} {size}: fastest peer / fastest pyro_hds: " + "; ".join(parts))
     for r in rows:
-        for peer, mine in pairs:
+        for peer, ours_label in pairs:
             if r.case != "heterogeneous" or r.solver.label != peer:
                 continue
-            ours = by_key.get((r.case, r.size, mine))
+            ours = by_key.get((r.case, r.size, ours_label))
             if ours is None:
                 continue
             if ours.fwd is None or r.fwd is None:
                 out.append(
-                    f"heterogeneous {r.size}: {peer} / {mine}: no ratio (no accurate setting)"
+                    f"heterogeneous {r.size}: {peer} / {ours_label}: no ratio (no accurate setting)"
                 )
                 continue
             assert ours.fwd_bwd is not None and r.fwd_bwd is not None
@@ -558,7 +558,7 @@ def summary(rows: Sequence[Row]) -> list[str]:
             verdict = "met" if min(f, b) >= 3 else "MISSED"
             target = f" (target >= 3: {verdict})" if peer == "torchdiffeq dopri5" else ""
             out.append(
-                f"heterogeneous {r.size}: {peer} / {mine} = {f:.2f} forward, "
+                f"heterogeneous {r.size}: {peer} / {ours_label} = {f:.2f} forward, "
                 f"{b:.2f} forward+backward{target}"
             )
     return out

@@ -365,9 +365,9 @@ class _CompileClock:
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def __call__(self, event: str, duration: float, **_: Any) -> None:
+    def __call__(self, event: str, duration_secs: float, **_: str | int) -> None:
         if event in self.EVENTS:
-            self.seconds += duration
+            self.seconds += duration_secs
 
     def __enter__(self) -> _CompileClock:
         import jax.monitoring
