@@ -67,7 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
         "--gibbs",
         type=int,
         nargs=2,
-        default=(8, 100),
         metavar=("CHAINS", "WARMUP"),
         help="particle Gibbs (FitResult.gibbs) with this many chains and warm-up sweeps "
         "(default: 8 100)",
@@ -85,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.gibbs is not None and args.importance:
+        parser.error("--gibbs and --importance exclude each other: choose one way to draw")
+    args.gibbs = (8, 100) if args.gibbs is None else tuple(args.gibbs)
     if args.gibbs[0] < 1 or args.gibbs[1] < 0:
         parser.error("--gibbs needs CHAINS >= 1 and WARMUP >= 0")
 

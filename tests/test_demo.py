@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from pyro_hds import demo
@@ -92,3 +93,16 @@ def test_chain_diagnostics_against_arviz_and_theory():
         np.testing.assert_allclose(rhat[j], arviz_stats.rhat(per_chain[..., j]))
     assert 4000 / 19 / 2 < ess[1] < 4000 / 19 * 2
     assert abs(rhat[0] - 1) < 0.01 and rhat[2] > 1.5  # chains that agree, and chains apart
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gibbs", "4", "10", "--importance"], "--gibbs and --importance exclude each other"),
+        (["--gibbs", "0", "10"], "--gibbs needs CHAINS >= 1 and WARMUP >= 0"),
+    ],
+)
+def test_demo_rejects_conflicting_or_bad_draw_options(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        demo.main(["--out", str(tmp_path), *args])
+    assert err.value.code == 2 and message in capsys.readouterr().err
