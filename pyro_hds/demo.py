@@ -9,12 +9,12 @@ Run ``python -m pyro_hds.demo`` (``--help`` for options). It
    (K = 64 inner particles, DReG gradients for the local guide); the ODE is integrated by
    ``RK4(substeps=4, compile=True)`` when a C++ compiler is on the path (each interval one
    fused kernel, forward and backward: about 1.7x faster per step here; compiling takes
-   about 45 s on a fresh install and little once inductor's on-disk cache holds the
+   tens of seconds on a fresh install and little once inductor's on-disk cache holds the
    kernels), else eagerly (``--no-compile`` forces that);
 3. draws the posterior by particle Gibbs (``FitResult.gibbs``: 8 Markov chains started and
-   proposed by the guide, whose stationary distribution is the exact posterior, so the guide's
-   errors do not reach the draws; ``--importance`` draws by importance resampling of the
-   guide instead, which corrects only the individual parameters);
+   proposed by the guide, whose stationary distribution is the exact posterior: the guide's
+   errors slow the mixing but do not shift the target; ``--importance`` draws by importance
+   resampling of the guide instead, which corrects only the individual parameters);
    prints a posterior summary of the population and group parameters beside the true values
    with the chains' bulk ESS and R-hat, and how often the 90% intervals of the individual
    parameters cover the truth;
