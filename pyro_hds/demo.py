@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     compile_ode = not args.no_compile and compiler_available()
     model = functools.partial(pk_oral.model, solver=pyro_hds.RK4(substeps=4, compile=compile_ode))
     print(
-        "solver: RK4(substeps=4, compile=True), one fused kernel per interval"
+        "solver: RK4(substeps=4, compile=True), one fused kernel per interval (compiled "
+        "before the first step: tens of seconds on a first run, little once cached)"
         if compile_ode
         else "solver: RK4(substeps=4), eager"
         + ("" if args.no_compile else " (no C++ compiler on the path for torch.compile)")
