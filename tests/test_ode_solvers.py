@@ -384,9 +384,10 @@ def test_a_state_beyond_the_square_root_of_the_largest_float_counts_as_failed(so
 
 @pytest.mark.parametrize("solver", ["euler", "heun", RK4(substeps=3), Dopri5()])
 def test_state_major_rhs_gets_a_state_major_state_and_the_same_solution(solver):
-    # an rhs that returns dy/dt state-major (torch.stack(terms, 0).mT) leaves the solver's
-    # state in that layout (elementwise ops follow their operands' layout), so the rhs reads
-    # contiguous states and the trajectory is stacked without transposing; the numbers are
+    # the fixed-step solvers keep their state state-major ((B, S) views of (S, B) tensors)
+    # whatever the rhs returns, so the rhs reads contiguous states and the stages vectorize
+    # over the batch; Dopri5 keeps the layout the rhs returns (elementwise ops follow their
+    # operands' layout). The trajectory is stacked without transposing, and the numbers are
     # those of the same rhs returning a row-major stack
     seen: list[tuple[int, ...]] = []
 
@@ -404,7 +405,7 @@ def test_state_major_rhs_gets_a_state_major_state_and_the_same_solution(solver):
         sol = solve(functools.partial(osc, layout=layout), y0, TS, {"w": w}, solver=solver)
         (grad,) = torch.autograd.grad(sol.ys.square().sum(), w)
         out[layout] = (sol.ys.detach(), grad)
-        if layout == "state":
+        if layout == "state" or not isinstance(solver, Dopri5):
             assert seen[-1] == (1, 6)  # each state's values contiguous
         else:
             assert seen[-1] == (2, 1)
@@ -413,6 +414,46 @@ def test_state_major_rhs_gets_a_state_major_state_and_the_same_solution(solver):
     if isinstance(solver, Dopri5):  # and it is the right solution (tolerance 1e-6 rtol)
         exact = torch.cos(w.detach()[:, None] * TS)
         torch.testing.assert_close(out["state"][0][..., 0], exact, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_fixed_step_state_stays_state_major_through_doses(grad):
+    # a row-major y0 and row-major dose jumps: every stage the rhs sees is still state-major
+    # (a row-major state would make each elementwise op several times slower), and the
+    # solution is that of the closed form (two doses into the gut, at 0 and 12)
+    seen: set[tuple[int, ...]] = set()
+
+    def rhs(t, y, p):
+        seen.add(y.stride())
+        return pk_oral.rhs(t, y, p)
+
+    doses = Doses(
+        times=torch.tensor([[0.0, 12.0]]).expand(5, 2),
+        amounts=torch.full((5, 2), 100.0),
+        targets=torch.zeros(5, 2, dtype=torch.long),
+    )
+    times = torch.tensor([0.5, 1.0, 4.0, 12.0, 13.0, 20.0], dtype=torch.float64)
+    ka = torch.linspace(0.6, 1.6, 5, dtype=torch.float64).requires_grad_(grad)
+    cl, v = torch.full_like(ka, 3.0), torch.full_like(ka, 20.0)
+    y0 = torch.zeros(5, 2, dtype=torch.float64)
+    assert y0.stride() == (2, 1)
+    with torch.set_grad_enabled(grad):
+        sol = solve(
+            rhs,
+            y0,
+            times,
+            {"ka": ka, "cl": cl, "v": v},
+            solver=RK4(substeps=20),
+            t0=0.0,
+            doses=doses,
+        )
+    assert seen == {(1, 5)}
+    exact = pk_oral.concentration(
+        times, ka.detach()[:, None], cl[:, None], v[:, None], (0.0, 12.0), (100.0, 100.0)
+    )
+    # RK4 with h <= 0.4 and rates <= 1.6 (h k <= 0.64, well inside its stability region;
+    # global error O(h^4)) is within 1e-4 of the closed form; a wrong dose would be off by O(1)
+    torch.testing.assert_close(sol.ys[..., 1].detach() / 20.0, exact, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("solver", [RK4(substeps=8), Dopri5()], ids=["rk4", "dopri5"])
