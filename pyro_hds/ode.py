@@ -15,6 +15,10 @@ and elementwise operations over the leading dim, e.g.
 ``torch.stack([-k * y[..., 0], k * y[..., 0]], -1)``; quantities with a batch dim must be passed
 in ``params``, not closed over.
 
+The ``y`` the rhs gets may be a non-contiguous view (the fixed-step solvers keep their
+state state-major: a ``(B, S)`` view of a contiguous ``(S, B)`` tensor, so that the stages'
+elementwise operations vectorize over the batch); use ``reshape``, not ``view``, on it.
+
 Speed on large batches: read the states with ``y.movedim(-1, 0).unbind(0)`` and return
 ``torch.stack(terms, 0).movedim(0, -1)``. The solver's state then stays state-major (each
 state's ``B`` values contiguous) and no evaluation interleaves or de-interleaves ``(B, S)``
