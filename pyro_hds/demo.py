@@ -8,7 +8,7 @@ Run ``python -m pyro_hds.demo`` (``--help`` for options). It
    adds a learned correction per training individual) and the hierarchical IWAE bound
    (K = 64 inner particles, DReG gradients for the local guide); the ODE is integrated by
    ``RK4(substeps=4, compile=True)`` when a C++ compiler is on the path (each interval one
-   fused kernel, forward and backward: about 1.7x faster per step here; compiling takes
+   fused kernel, forward and backward: faster per step, see docs/benchmarks.md; compiling takes
    tens of seconds on a fresh install and little once inductor's on-disk cache holds the
    kernels), else eagerly (``--no-compile`` forces that);
 3. draws the posterior by particle Gibbs (``FitResult.gibbs``: 8 Markov chains started and

@@ -41,12 +41,18 @@ def test_demo_runs_and_writes_outputs(tmp_path, capsys, monkeypatch):
     # the default draws are particle Gibbs chains, summarized with ArviZ's ESS and R-hat
     assert "40 posterior draws (particle Gibbs, 4 chains after 5 warm-up sweeps)" in text
     assert "covered    ess  r_hat" in text and "importance-sampling diagnostics" not in text
-    sigma_row = next(line for line in text.splitlines() if line.startswith("sigma "))
-    ess, rhat = (float(v) for v in sigma_row.split()[-2:])
-    assert 0 < ess <= 40 and rhat > 0.9
     assert (tmp_path / "pk_fits.png").stat().st_size > 10_000
     assert (tmp_path / "pk_training.png").exists()
     tree = xr.open_datatree(tmp_path / "pk_posterior.nc")
+    # the printed ESS and R-hat are ArviZ's for the chains written to the file
+    import arviz_stats
+
+    sigma = tree["posterior"]["sigma"].values.reshape(4, 10)  # (chain, draw)
+    sigma_row = next(line for line in text.splitlines() if line.startswith("sigma "))
+    assert sigma_row.split()[-2:] == [
+        f"{float(arviz_stats.ess(sigma, method='bulk')):.0f}",
+        f"{float(arviz_stats.rhat(sigma)):.3f}",
+    ]
     assert "posterior" in tree.children and "log_likelihood" in tree.children
     assert set(out["coverage"]) == {"ka", "cl", "v"}
 
@@ -74,6 +80,19 @@ def test_demo_with_importance_resampling(tmp_path, capsys):
     assert tree["posterior"].sizes["chain"] == 1 and tree["posterior"].sizes["draw"] == 8
 
 
+def test_compiler_lookup_follows_cxx_and_path(monkeypatch, tmp_path):
+    compiler = tmp_path / "my-c++"
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CXX", "my-c++")
+    assert demo.compiler_available()
+    monkeypatch.setenv("CXX", "missing-c++")
+    assert not demo.compiler_available()
+    monkeypatch.delenv("CXX")
+    assert not demo.compiler_available()  # no c++, g++ or clang++ in this PATH
+
+
 def test_chain_diagnostics_against_arviz_and_theory():
     import arviz_stats
 
@@ -92,7 +111,9 @@ def test_chain_diagnostics_against_arviz_and_theory():
         np.testing.assert_allclose(ess[j], arviz_stats.ess(per_chain[..., j], method="bulk"))
         np.testing.assert_allclose(rhat[j], arviz_stats.rhat(per_chain[..., j]))
     assert 4000 / 19 / 2 < ess[1] < 4000 / 19 * 2
-    assert abs(rhat[0] - 1) < 0.01 and rhat[2] > 1.5  # chains that agree, and chains apart
+    # chains that agree: R-hat within 0.01 of 1; chains apart (means 0-3, SD 1 within): about
+    # sqrt(1 + 1.67 / 1) = 1.6 by the variance decomposition, far above the usual 1.1 alarm
+    assert abs(rhat[0] - 1) < 0.01 and rhat[2] > 1.1
 
 
 @pytest.mark.parametrize(
