@@ -61,8 +61,10 @@ def rhs(t: torch.Tensor, y: torch.Tensor, params: dict[str, torch.Tensor]) -> to
     # state-major (see pyro_hds.ode): read each state as a leading slice and stack the
     # derivatives along a new first dim, so no evaluation interleaves (B, 2) memory
     gut, central = y.movedim(-1, 0).unbind(0)
-    terms = torch.broadcast_tensors(-ka * gut, ka * gut - k * central)
-    return torch.stack(terms, 0).movedim(0, -1)
+    absorbed = ka * gut
+    d_central = torch.addcmul(absorbed, k, central, value=-1.0)  # ka A_g - k A_c
+    # d_central has the full batch shape; absorbed may broadcast to it (ka, A_g narrower)
+    return torch.stack((-absorbed.expand_as(d_central), d_central), 0).movedim(0, -1)
 
 
 def concentration(t, ka, cl, v, dose_times, dose_amounts) -> torch.Tensor:
