@@ -115,6 +115,31 @@ def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(
         assert 0.1 < diag["local_acceptance"] < 0.7, diag
 
 
+def test_gibbs_validates_its_first_passes_and_not_the_sweeps(biased):
+    """The sweeps skip the distributions' checks (their values are in the supports by
+    construction); the passes that set up the chains are checked, and the setting is
+    restored afterwards."""
+    from pyro.infer.util import is_validation_enabled
+
+    data, _, _, result = biased
+    seen: list[bool] = []
+
+    def recording(data):
+        seen.append(is_validation_enabled())
+        return model(data)
+
+    assert is_validation_enabled()
+    FitResult(recording, result.guide, data).gibbs(
+        num_samples=8, num_chains=2, warmup=3, num_particles=1, local_steps=1, progress=False
+    )
+    assert is_validation_enabled()
+    # the guess of the plate nesting, the first pass and the start state: checked
+    first = seen.index(False)
+    assert first >= 3 and all(seen[:first])
+    # then every sweep's passes and the recording of the kept states: not
+    assert not any(seen[first:]) and len(seen) - first >= 7 * 2
+
+
 def test_gibbs_options_and_errors(biased):
     data, _, _, result = biased
     post = result.gibbs(
