@@ -15,6 +15,7 @@ import inspect
 import os
 
 import torch
+from arviz_stats import summary
 
 import pyro_hds
 from pyro_hds.guides import AmortizedGuide
@@ -98,6 +99,15 @@ for name in ("sigma", "omega"):
         f"{name:6s} true {float(truth[name]):.4f}  guide+resampling "
         f"{float(post.samples[name].mean()):.4f}  particle Gibbs {float(exact[name].mean()):.4f}"
     )
+# The chains must forget their start before the kept draws begin. With many patients the
+# noise SD's posterior is narrow (about 2% of its value at 100 patients), so the fit's value
+# can lie many posterior SDs away, and the chains bring it in only as fast as every patient's
+# ka, CL, V move (on the benchmark's 1000 patients after a short fit: 188 SDs away at the
+# start, 2 after 100 sweeps; docs/benchmarks.md). ArviZ's rank-normalized R-hat near 1
+# (say below 1.05) and a bulk ESS of a few hundred say the chains agree; if not, raise
+# `warmup`, or fit longer so that the chains start closer.
+table = summary(pyro_hds.to_datatree(exact, data), var_names=["sigma", "omega", "ka_pop"])
+print(table[["mean", "sd", "ess_bulk", "r_hat"]])
 
 # %% New patients: the encoder gives their posterior at once, no refitting
 new_data, new_truth = pk_oral.simulate(per_group=2, seed=99)
