@@ -93,7 +93,7 @@ from pyro_hds.objectives import IWAE, LogWeights, _local_frame
 from pyro_hds.ode import reuse_solutions
 from pyro_hds.results import _choose
 
-__all__ = ["particle_gibbs"]
+__all__ = ["particle_gibbs", "split_rhat"]
 
 TARGET_ACCEPT = 0.35
 START_PARTICLES = 16
@@ -103,6 +103,9 @@ RECORD_SYSTEMS = 1 << 15  # chains x individuals evaluated together when recordi
 # a grouped pass changing a term outside its moves' footprints by less than this (relative)
 # is round-off (float32 sums of trajectories laid out differently), not a dependency
 STRAY_TOLERANCE = 1e-5
+# FitResult.gibbs warns when a global or group site's split R-hat exceeds this (the classic
+# threshold of Gelman and Rubin; ArviZ's rank-normalized R-hat is the one to report)
+RHAT_WARNING = 1.1
 
 
 def _latent(site: dict) -> bool:
@@ -659,6 +662,44 @@ class _LocalWalk:
             log_jac = log_jac + _ladj(self.transforms[name], u_new, proposal)
             log_jac = log_jac - _ladj(self.transforms[name], u_site, value)
         return proposals, log_jac
+
+
+def split_rhat(draws: torch.Tensor, num_chains: int) -> torch.Tensor:
+    r"""The split potential scale reduction :math:`\hat R` of every element of ``draws``
+    ``(D, *shape)``, whose ``D`` draws are ``num_chains`` chains of equal length one after
+    another; returns ``shape``, float64.
+
+    Each chain is cut into halves (its middle draw dropped when its length is odd), giving
+    :math:`M = 2C` sequences of :math:`n` draws with means :math:`\bar x_m` and variances
+    :math:`s_m^2`; with :math:`W = \frac1M \sum_m s_m^2` and :math:`B/n` the variance of the
+    :math:`\bar x_m`,
+
+    .. math::
+
+        \hat R = \sqrt{\Big(\frac{n-1}{n} W + \frac{B}{n}\Big) / W}
+
+    (Gelman et al., *Bayesian Data Analysis*, 3rd ed., section 11.4; ArviZ's
+    ``rhat(method="split")``). Near 1 when the chains agree with each other and with
+    themselves; well above 1 (say 1.1) when they have not forgotten their start. ArviZ's
+    rank-normalized version (what :func:`pyro_hds.to_datatree` hands it) is more robust for
+    heavy tails; this one costs nothing and needs no import. Where :math:`W = 0` (every
+    half-chain constant: a stuck sampler) it is ``inf``, where ArviZ gives NaN.
+    """
+    d = draws.shape[0]
+    if num_chains < 1 or d % num_chains:
+        raise ValueError(f"split_rhat(): {d} draws are not {num_chains} chains of equal length")
+    per = d // num_chains
+    half = per // 2
+    if half < 2:
+        raise ValueError(f"split_rhat(): needs at least 4 draws per chain, got {per}")
+    x = draws.double().reshape(num_chains, per, -1)
+    parts = torch.cat([x[:, :half], x[:, per - half :]], 0)  # (2C, n, E)
+    within = parts.var(1).mean(0)
+    between = parts.mean(1).var(0)  # B / n
+    rhat = (((half - 1) / half * within + between) / within).sqrt()
+    # a half in which no draw differs from another gives W = 0: a sampler stuck there
+    rhat = torch.where(within > 0, rhat, math.inf)
+    return rhat.reshape(draws.shape[1:])
 
 
 def _block_name(block: tuple[str, torch.Tensor | None]) -> str:

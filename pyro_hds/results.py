@@ -24,6 +24,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,12 +433,15 @@ class FitResult:
             individual's covariance learned in warm-up: with ``warmup >= 20``),
             ``local_move_rate`` (the share of individuals whose locals the importance step
             changed per sweep; None without it), ``outer_groups`` (the moves that share a
-            pass from early in warm-up on, see :mod:`pyro_hds.gibbs`). Its ``pareto_k``,
+            pass from early in warm-up on, see :mod:`pyro_hds.gibbs`) and, with at least 4
+            draws per chain, ``split_rhat``: per global and group site the largest split
+            :math:`\hat R` of its elements (:func:`pyro_hds.gibbs.split_rhat`); a
+            ``RuntimeWarning`` names the worst site when it exceeds 1.1. Its ``pareto_k``,
             ``ess`` and ``inner_bound`` describe the weights of the importance steps, the
             current particle included.
         """
         from pyro_hds.fit import _is_dataset
-        from pyro_hds.gibbs import particle_gibbs
+        from pyro_hds.gibbs import RHAT_WARNING, particle_gibbs, split_rhat
 
         data = self.data if data is None else data
         if _is_dataset(data):
@@ -464,6 +468,21 @@ class FitResult:
         order = torch.arange(kept * num_chains).reshape(kept, num_chains).T.reshape(-1)
         posterior = posterior.select(order)
         posterior.num_chains = num_chains
+        if kept >= 4:  # split R-hat of every global and group site, its worst element
+            diagnostics["split_rhat"] = {
+                name: float(split_rhat(posterior.samples[name], num_chains).max())
+                for name in diagnostics["acceptance"]
+            }
+            worst = max(diagnostics["split_rhat"].items(), key=lambda kv: kv[1], default=None)
+            if worst is not None and not worst[1] <= RHAT_WARNING:
+                warnings.warn(
+                    f"gibbs(): the chains disagree about {worst[0]!r} (split R-hat "
+                    f"{worst[1]:.2f} > {RHAT_WARNING}): their draws are not yet draws of the "
+                    "posterior. Raise warmup (the chains have not forgotten their start), "
+                    "num_samples, or fit longer so that the chains start closer.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         posterior.diagnostics = diagnostics
         return posterior
 

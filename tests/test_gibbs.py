@@ -81,7 +81,7 @@ def biased():
     ids=["walk+importance", "importance", "walk, two outer steps"],
 )
 def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(
-    biased, num_particles, local_steps, outer_steps
+    biased, num_particles, local_steps, outer_steps, recwarn
 ):
 
     _, mean, sd, result = biased
@@ -106,6 +106,10 @@ def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(
 
     diag = post.diagnostics
     assert set(diag["acceptance"]) == {"mu", "g"}
+    # chains that recovered the posterior agree: no warning about them
+    assert set(diag["split_rhat"]) == {"mu", "g"}
+    assert max(diag["split_rhat"].values()) < 1.1, diag["split_rhat"]
+    assert not [w for w in recwarn if "disagree" in str(w.message)]
     assert all(0.1 < a < 0.7 for a in diag["acceptance"].values()), diag
     if num_particles > 1:
         assert 0.3 < diag["local_move_rate"] <= 1.0, diag
@@ -138,6 +142,46 @@ def test_gibbs_validates_its_first_passes_and_not_the_sweeps(biased):
     assert first >= 3 and all(seen[:first])
     # then every sweep's passes and the recording of the kept states: not
     assert not any(seen[first:]) and len(seen) - first >= 7 * 2
+
+
+def test_gibbs_warns_when_the_chains_have_not_forgotten_their_start(biased):
+    """Without warm-up the chains start from the guide, whose mu is 3 posterior SDs off, and
+    80 draws over 8 chains are not enough to forget it: their split R-hat is far above the
+    classic 1.1, and the user is told which site and what to do."""
+    _, _, _, result = biased
+    with pytest.warns(RuntimeWarning, match=r"disagree about '(mu|g)'.*Raise warmup"):
+        post = result.gibbs(
+            num_samples=80, num_chains=8, warmup=0, num_particles=1, seed=0, progress=False
+        )
+    assert max(post.diagnostics["split_rhat"].values()) > 1.1
+
+
+def test_split_rhat_is_arviz_classic_split_rhat():
+    """pyro_hds.gibbs.split_rhat against ArviZ's rhat(method="split") (BDA3's formula), for
+    agreeing and disagreeing chains, odd and even lengths, and site shapes."""
+    import arviz_stats
+
+    from pyro_hds.gibbs import split_rhat
+
+    gen = torch.Generator().manual_seed(0)
+    for chains, per, shape, offset in [
+        (8, 125, (), 0.0),
+        (4, 11, (3,), 1.0),
+        (2, 100, (2, 2), 0.3),
+    ]:
+        x = torch.randn(chains, per, *shape, generator=gen, dtype=torch.float64)
+        x = x + offset * torch.randn(chains, 1, *shape, generator=gen, dtype=torch.float64)
+        got = split_rhat(x.reshape(chains * per, *shape), chains)
+        assert got.shape == shape
+        expected = np.asarray(arviz_stats.rhat(x.numpy(), method="split"))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    # chains that never move: infinite (ArviZ: NaN), so the warning fires
+    stuck = torch.tensor([1.0] * 8 + [2.0] * 8)
+    assert split_rhat(stuck, 2).item() == math.inf
+    with pytest.raises(ValueError, match="chains of equal length"):
+        split_rhat(torch.zeros(10), 3)
+    with pytest.raises(ValueError, match="at least 4 draws per chain"):
+        split_rhat(torch.zeros(6), 2)
 
 
 def test_gibbs_options_and_errors(biased):
