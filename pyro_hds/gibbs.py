@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import closing, nullcontext
 from typing import Any
 
 import pyro
@@ -442,123 +443,117 @@ def particle_gibbs(
         # unconstrained space) and the passes above were validated: the sweeps skip the
         # distributions' checks of arguments and values (a proposal whose density the model
         # cannot evaluate gets a NaN log-density, which _accept rejects)
-        try:
-            with pyro.validation_enabled(False):
-                for sweep in range(warmup + kept):
-                    gain = 1.0 / math.sqrt(sweep + 1.0)
-                    # 1. the globals and group latents: block by block in the first sweeps (which
-                    # record each block's footprint), then in groups of commuting blocks
-                    grouped = group_from is not None and sweep >= group_from
-                    if sweep == group_from:
-                        groups = _group_blocks(footprints)
-                    if not grouped:
-                        # the terms of the state from one pass, so that a footprint holds what a
-                        # move changed and not round-off: the walk's passes computed some
-                        # individuals' terms from differently laid out trajectories
-                        terms = _site_terms(passes.run(1, outer, local, model_only=True))
-                    for group in (groups if grouped else singles) * outer_steps:
-                        given = dict(outer)
-                        moves = []
-                        for i in group:
-                            name, mask = outer_blocks[i]
-                            value = outer[name]
-                            step = log_step[name].exp()
-                            u, proposal, u_new = _propose(
-                                transforms[name], value, step if mask is None else step * mask
-                            )
-                            if mask is None:
-                                given[name] = proposal
-                            else:  # its group alone moves (other blocks may move the others)
-                                proposal = torch.where(mask, proposal, value)
-                                given[name] = torch.where(mask, proposal, given[name])
-                            ladj = _ladj(transforms[name], u_new, proposal).sum(-1) - _ladj(
-                                transforms[name], u, value
-                            ).sum(-1)
-                            moves.append((i, name, mask, proposal, ladj))
-                        new_terms = _site_terms(passes.run(1, given, local, model_only=True))
-                        if len(group) > 1:
-                            _check_strays(new_terms, terms, [footprints[i] for i in group], moves)
-                        for i, name, mask, proposal, ladj in moves:
-                            if len(group) == 1:  # every term, every element
-                                if not grouped:
-                                    for k in terms:
-                                        changed = _changed(new_terms[k], terms[k])
-                                        if bool(changed.any()):
-                                            old = footprints[i].get(k)
-                                            footprints[i][k] = (
-                                                changed if old is None else old | changed
-                                            )
-                                diff = sum((new_terms[k] - terms[k]).sum(-1) for k in terms)
-                                accept = _accept(ladj + diff)
+        with pyro.validation_enabled(False), closing(bar) if bar is not None else nullcontext():
+            for sweep in range(warmup + kept):
+                gain = 1.0 / math.sqrt(sweep + 1.0)
+                # 1. the globals and group latents: block by block in the first sweeps (which
+                # record each block's footprint), then in groups of commuting blocks
+                grouped = group_from is not None and sweep >= group_from
+                if sweep == group_from:
+                    groups = _group_blocks(footprints)
+                if not grouped:
+                    # the terms of the state from one pass, so that a footprint holds what a
+                    # move changed and not round-off: the walk's passes computed some
+                    # individuals' terms from differently laid out trajectories
+                    terms = _site_terms(passes.run(1, outer, local, model_only=True))
+                for group in (groups if grouped else singles) * outer_steps:
+                    given = dict(outer)
+                    moves = []
+                    for i in group:
+                        name, mask = outer_blocks[i]
+                        value = outer[name]
+                        step = log_step[name].exp()
+                        u, proposal, u_new = _propose(
+                            transforms[name], value, step if mask is None else step * mask
+                        )
+                        if mask is None:
+                            given[name] = proposal
+                        else:  # its group alone moves (other blocks may move the others)
+                            proposal = torch.where(mask, proposal, value)
+                            given[name] = torch.where(mask, proposal, given[name])
+                        ladj = _ladj(transforms[name], u_new, proposal).sum(-1) - _ladj(
+                            transforms[name], u, value
+                        ).sum(-1)
+                        moves.append((i, name, mask, proposal, ladj))
+                    new_terms = _site_terms(passes.run(1, given, local, model_only=True))
+                    if len(group) > 1:
+                        _check_strays(new_terms, terms, [footprints[i] for i in group], moves)
+                    for i, name, mask, proposal, ladj in moves:
+                        if len(group) == 1:  # every term, every element
+                            if not grouped:
                                 for k in terms:
-                                    terms[k] = torch.where(accept[:, None], new_terms[k], terms[k])
-                            else:  # the elements of its footprint alone
-                                fp = footprints[i]
-                                diff = sum(
-                                    torch.where(fp[k], new_terms[k] - terms[k], zero).sum(-1)
-                                    for k in fp
-                                )
-                                accept = _accept(ladj + diff)
-                                for k, where in fp.items():
-                                    at = accept[:, None] & where
-                                    terms[k] = torch.where(at, new_terms[k], terms[k])
-                            if mask is not None:  # keep what other blocks of the site did
-                                proposal = torch.where(mask, proposal, outer[name])
-                            outer[name] = _where(accept, proposal, outer[name])
-                            rate = float(accept.double().mean())
-                            if sweep < warmup:
-                                change = gain * (rate - TARGET_ACCEPT)
-                                log_step[name] = log_step[name] + (
-                                    change if mask is None else change * mask
-                                )
-                            else:
-                                accepted[name] += rate / (blocks[name] * outer_steps)
-                    # 2. the locals by a random walk, every individual at once: given the globals
-                    # the target factorizes over individuals, so each is accepted on its own
-                    if walk.learning(sweep):
-                        walk.learn(local)
-                    elif sweep == walk.switch:
-                        walk.freeze()
-                        log_local_step = math.log(2.38 / math.sqrt(max(1, local_dim)))
-                    for _ in range(local_steps):
-                        proposals, log_jac = walk.propose(local, math.exp(log_local_step))
-                        new_terms = _site_terms(passes.run(1, outer, proposals, model_only=True))
-                        local_lp = _local_total(terms, local_keys)
-                        new_local = _local_total(new_terms, local_keys)
-                        accept = _accept(new_local - local_lp + log_jac)  # (C, N)
-                        for name in local_names:
-                            local[name] = _where(accept, proposals[name], local[name])
-                        for k in local_keys:  # terms outside the plate do not depend on the locals
-                            terms[k] = torch.where(accept, new_terms[k], terms[k])
+                                    changed = _changed(new_terms[k], terms[k])
+                                    if bool(changed.any()):
+                                        old = footprints[i].get(k)
+                                        footprints[i][k] = changed if old is None else old | changed
+                            diff = sum((new_terms[k] - terms[k]).sum(-1) for k in terms)
+                            accept = _accept(ladj + diff)
+                            for k in terms:
+                                terms[k] = torch.where(accept[:, None], new_terms[k], terms[k])
+                        else:  # the elements of its footprint alone
+                            fp = footprints[i]
+                            diff = sum(
+                                torch.where(fp[k], new_terms[k] - terms[k], zero).sum(-1)
+                                for k in fp
+                            )
+                            accept = _accept(ladj + diff)
+                            for k, where in fp.items():
+                                at = accept[:, None] & where
+                                terms[k] = torch.where(at, new_terms[k], terms[k])
+                        if mask is not None:  # keep what other blocks of the site did
+                            proposal = torch.where(mask, proposal, outer[name])
+                        outer[name] = _where(accept, proposal, outer[name])
                         rate = float(accept.double().mean())
                         if sweep < warmup:
-                            log_local_step += gain * (rate - TARGET_ACCEPT)
+                            change = gain * (rate - TARGET_ACCEPT)
+                            log_step[name] = log_step[name] + (
+                                change if mask is None else change * mask
+                            )
                         else:
-                            local_accepted += rate / local_steps
-                    # 3. the locals by conditional importance sampling among the current ones and
-                    # K - 1 draws of the guide
-                    if num_particles > 1:
-                        weights = passes.run(num_particles, outer, local)
-                        chosen = _choose(weights.local)
-                        local = {
-                            name: _pick(weights.guide_trace.nodes[name]["value"], chosen)
-                            for name in local_names
-                        }
-                        terms = _site_terms(weights, chosen)
-                        if sweep >= warmup:
-                            moved += float((chosen != 0).double().mean())
-                            records.append(record(weights, chosen))
-                    elif sweep >= warmup:  # no importance step: record the state, in batches
-                        pending.append((dict(outer), dict(local)))
-                        if len(pending) == per_record:
-                            flush()
-                    if bar is not None:
-                        bar.update(1)
-                if pending:
-                    flush()
-        finally:
-            if bar is not None:
-                bar.close()
+                            accepted[name] += rate / (blocks[name] * outer_steps)
+                # 2. the locals by a random walk, every individual at once: given the globals
+                # the target factorizes over individuals, so each is accepted on its own
+                if walk.learning(sweep):
+                    walk.learn(local)
+                elif sweep == walk.switch:
+                    walk.freeze()
+                    log_local_step = math.log(2.38 / math.sqrt(max(1, local_dim)))
+                for _ in range(local_steps):
+                    proposals, log_jac = walk.propose(local, math.exp(log_local_step))
+                    new_terms = _site_terms(passes.run(1, outer, proposals, model_only=True))
+                    local_lp = _local_total(terms, local_keys)
+                    new_local = _local_total(new_terms, local_keys)
+                    accept = _accept(new_local - local_lp + log_jac)  # (C, N)
+                    for name in local_names:
+                        local[name] = _where(accept, proposals[name], local[name])
+                    for k in local_keys:  # terms outside the plate do not depend on the locals
+                        terms[k] = torch.where(accept, new_terms[k], terms[k])
+                    rate = float(accept.double().mean())
+                    if sweep < warmup:
+                        log_local_step += gain * (rate - TARGET_ACCEPT)
+                    else:
+                        local_accepted += rate / local_steps
+                # 3. the locals by conditional importance sampling among the current ones and
+                # K - 1 draws of the guide
+                if num_particles > 1:
+                    weights = passes.run(num_particles, outer, local)
+                    chosen = _choose(weights.local)
+                    local = {
+                        name: _pick(weights.guide_trace.nodes[name]["value"], chosen)
+                        for name in local_names
+                    }
+                    terms = _site_terms(weights, chosen)
+                    if sweep >= warmup:
+                        moved += float((chosen != 0).double().mean())
+                        records.append(record(weights, chosen))
+                elif sweep >= warmup:  # no importance step: record the state, in batches
+                    pending.append((dict(outer), dict(local)))
+                    if len(pending) == per_record:
+                        flush()
+                if bar is not None:
+                    bar.update(1)
+            if pending:
+                flush()
     diagnostics = {
         "acceptance": {name: accepted[name] / kept for name in outer_names},
         "step_size": {name: log_step[name].exp().reshape(-1).tolist() for name in outer_names},
