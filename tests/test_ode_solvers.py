@@ -245,6 +245,46 @@ def test_failure_is_isolated_in_values_and_gradients(solver):
     torch.testing.assert_close(sol.ys[[0, 2]], ok.ys)
 
 
+def test_without_gradients_failed_elements_step_with_the_others(monkeypatch):
+    # dy/dt = a y^2 blows up at t = 1 / a: element 1 within the first interval, element 2 at
+    # t = 2, elements 0 and 3 never. Without gradients the intervals after a
+    # failure step every element (the failed ones get their frozen state back) instead of
+    # the checked steps on the others: the checked steps run only in the two intervals where
+    # an element fails, and every value is that of the checked path (with gradients)
+    from pyro_hds.solvers import _integrate
+
+    calls = []
+    subset_step = _integrate._subset_step
+
+    def counting(*args):
+        calls.append(1)
+        return subset_step(*args)
+
+    monkeypatch.setattr(_integrate, "_subset_step", counting)
+    a = torch.tensor([0.2, 2.5, 0.5, -0.5], dtype=torch.float64)
+    ts = torch.linspace(0.5, 3.0, 6, dtype=torch.float64)
+
+    def rhs(t, y, p):
+        return p["a"].unsqueeze(-1) * y**2
+
+    substeps = 10
+    y0 = torch.ones(1, dtype=torch.float64)
+    with torch.no_grad():
+        fast = solve(rhs, y0, ts, {"a": a}, solver=RK4(substeps=substeps), t0=0.0)
+    # a failing interval: the failing step of every substep's checks, then a step of the
+    # others; the substeps after it step the others alone
+    assert 0 < len(calls) <= 2 * (substeps + 1)
+    checked = solve(
+        rhs, y0, ts, {"a": a.clone().requires_grad_()}, solver=RK4(substeps=substeps), t0=0.0
+    )
+    assert len(calls) > 4 * substeps  # with gradients, every interval after the first failure
+    assert fast.status.tolist() == [Status.SUCCESS, Status.NONFINITE, Status.NONFINITE, 0]
+    assert fast.reached.tolist() == checked.reached.tolist()
+    # RK4 trails the blow-up: element 2 overflows in the interval after t = 2
+    assert fast.reached[2].tolist() == [True, True, True, True, False, False]
+    torch.testing.assert_close(fast.ys, checked.ys.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "solver", [Euler(substeps=7), RK4(substeps=3), Dopri5()], ids=["euler", "rk4", "dopri5"]
 )

@@ -415,8 +415,22 @@ def integrate_fixed(
                 y, healthy = fused_interval(y_start, t, h, alive, base=y_checked)
                 if not healthy:  # the kernel fails where the checking path did not
                     y = y_checked
-        elif any_dead:
+        elif any_dead and torch.is_grad_enabled():
+            # with gradients the failed elements stay out of the computation: their values,
+            # however unused, would put NaN into the gradients of what they share
             y, dead = careful(y, t, h, dead)
+        elif any_dead:
+            # without gradients every element steps, and the failed ones get their frozen
+            # state back: a step costs the same for all elements as for a subset, and no
+            # element's values depend on another's (transposed, the where keeps the layout)
+            y_start, t_cur = y, t
+            for _ in range(substeps):
+                f.segment_start = t_cur  # type: ignore[attr-defined]
+                y = step(f, t_cur, y, h)
+                t_cur = t_cur + h
+            y = torch.where(dead, y_start.t(), y.t()).t()
+            if not bool(y.abs().amax() <= limit):  # a new failure: the checking path
+                y, dead = careful(y_start, t, h, dead)
         else:
             y_start, t_cur = y, t
             for _ in range(substeps):
