@@ -46,7 +46,8 @@ Sides.
   ``--final-lr-fraction`` times that; then ``FitResult.posterior``
   draws ``--draws`` posterior draws with ``--draw-particles`` importance particles per
   individual and draw; with ``--gibbs CHAINS WARMUP`` (and ``--gibbs-particles``,
-  ``--gibbs-local-steps``, ``--gibbs-outer-steps``), ``FitResult.gibbs`` draws them
+  ``--gibbs-local-steps``, ``--gibbs-outer-steps``, ``--gibbs-laplace-steps``),
+  ``FitResult.gibbs`` draws them
   instead (particle Gibbs with the guide as proposal: exact in the limit, so the guide's bias
   in the globals does not reach the draws). ``--average-last`` averages the fit's parameters
   over its last steps, ``--trace-every`` prints the guide's population errors during the fit.
@@ -435,6 +436,7 @@ def run_pyro_hds(
     gibbs_particles: int | None = None,
     gibbs_local_steps: int = 1,
     gibbs_outer_steps: int = 1,
+    gibbs_laplace_steps: int = 0,
     trace_every: int = 0,
     reference: dict[str, np.ndarray] | None = None,
 ) -> tuple[Run, Any]:
@@ -442,8 +444,9 @@ def run_pyro_hds(
     ``draw_particles`` importance particles per individual; returns the run and FitResult.
     With ``gibbs = (chains, warmup)`` the draws come from :meth:`FitResult.gibbs` instead
     (particle Gibbs, ``gibbs_particles`` particles in its importance step, default
-    ``draw_particles``, ``gibbs_local_steps`` random-walk steps on the locals and
-    ``gibbs_outer_steps`` on the global and group sites per sweep).
+    ``draw_particles``, ``gibbs_local_steps`` random-walk steps and ``gibbs_laplace_steps``
+    independence steps with the Laplace mixture on the locals and ``gibbs_outer_steps`` on
+    the global and group sites per sweep).
 
     With ``trace_every`` and NUTS draws as ``reference``, every ``trace_every`` steps the
     guide's medians of the population parameters are printed as signed errors
@@ -501,6 +504,7 @@ def run_pyro_hds(
                 num_particles=draw_particles if gibbs_particles is None else gibbs_particles,
                 local_steps=gibbs_local_steps,
                 outer_steps=gibbs_outer_steps,
+                laplace_steps=gibbs_laplace_steps,
                 seed=seed,
                 progress=False,
             )
@@ -536,9 +540,11 @@ def report_chains(posterior) -> None:
     rhat = max(float(np.max(split_gelman_rubin(x))) for x in pop)
     walk = diag["local_acceptance"]
     moved = diag["local_move_rate"]
+    laplace = diag.get("laplace_acceptance")
     print(
         f"  gibbs: acceptance {rates}; locals: random walk "
-        f"{'none' if walk is None else f'{walk:.2f}'}, importance step "
+        f"{'none' if walk is None else f'{walk:.2f}'}, Laplace independence steps "
+        f"{'none' if laplace is None else f'{laplace:.2f}'}, importance step "
         f"{'none' if moved is None else f'moved {moved:.2f} per sweep'}; population "
         f"parameters: min bulk ESS {ess:.0f} of {posterior.samples['sigma'].shape[0]}, "
         f"max split R-hat {rhat:.3f} ({chains} chains)",
@@ -698,6 +704,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="Metropolis steps on the global and group sites per sweep of FitResult.gibbs",
     )
     p.add_argument(
+        "--gibbs-laplace-steps",
+        type=int,
+        default=0,
+        help="independence Metropolis steps on the locals per sweep of FitResult.gibbs with "
+        "the Laplace mixture (default 0, unlike FitResult.gibbs: the runs recorded before it)",
+    )
+    p.add_argument(
         "--average-last",
         type=float,
         default=0.0,
@@ -722,6 +735,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--gibbs-local-steps must be >= 0")
     if args.gibbs_outer_steps < 1:
         p.error("--gibbs-outer-steps must be >= 1")
+    if args.gibbs_laplace_steps < 0:
+        p.error("--gibbs-laplace-steps must be >= 0")
     if args.trace_every < 0:
         p.error("--trace-every must be >= 0")
     if args.quick:
@@ -784,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
         + (
             f"by particle Gibbs ({args.gibbs[0]} chains, {args.gibbs[1]} warm-up sweeps, "
             f"K = {gibbs_k} in the importance step, {args.gibbs_local_steps} random-walk "
-            f"steps on the locals and {args.gibbs_outer_steps} on the global and group sites "
+            f"and {args.gibbs_laplace_steps} Laplace independence steps on the locals and "
+            f"{args.gibbs_outer_steps} on the global and group sites "
             "per sweep)."
             if args.gibbs
             else f"with {args.draw_particles} importance particles per individual."
@@ -825,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
             gibbs_particles=args.gibbs_particles,
             gibbs_local_steps=args.gibbs_local_steps,
             gibbs_outer_steps=args.gibbs_outer_steps,
+            gibbs_laplace_steps=args.gibbs_laplace_steps,
             trace_every=args.trace_every,
             reference=nuts.draws,
         )

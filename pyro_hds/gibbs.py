@@ -41,10 +41,27 @@ local latents :math:`z_i`. One sweep:
    sites the target factorizes over individuals, so every individual's proposal
    :math:`u_i' = u_i + a\, \mathrm{sd}_q(u_i) \odot \varepsilon` (all its local sites
    together, scaled by the guide's spread for that individual) is accepted or rejected on its
-   own, with the ratio of :math:`p(y_i, z_i \mid \theta)` and the Jacobians. From three
-   quarters of the way through warm-up on, the steps follow each individual's covariance
-   as the chains' states estimated it (:class:`_LocalWalk`).
-3. **Locals, conditional importance sampling**, all individuals at once. For individual
+   own, with the ratio of :math:`p(y_i, z_i \mid \theta)` and the Jacobians. The steps
+   follow each individual's covariance: that of the Laplace approximations of step 3 when
+   it runs, else the one the chains' states estimate, from three quarters of the way
+   through warm-up on (:class:`_LocalWalk`).
+3. **Locals, independence Metropolis with Laplace approximations** (``laplace_steps``
+   times), all individuals at once. Before the first sweep, each chain finds every
+   individual's mode of :math:`p(z_i \mid \theta_c, y_i)` by Newton's method (gradients by
+   autograd through the model and its ODE solves, the Hessian by differences of them) and
+   takes the Gaussian with the inverse of the negative Hessian there; halfway through
+   warm-up, when the outer values have come near the posterior, it does so again from its
+   current state. Individual :math:`i` then proposes :math:`z_i' \sim q_i`, the equal mixture
+   of every chain's Gaussian for it (:class:`_Laplace`), and accepts with probability
+   :math:`\min\big(1, \frac{p(y_i, z_i' \mid \theta)\, q_i(z_i)}{p(y_i, z_i \mid
+   \theta)\, q_i(z_i')}\big)` (in unconstrained space, with the Jacobians). Where the
+   conditional is close to Gaussian, most proposals are accepted and the locals are close
+   to fresh draws every sweep: the noise scale and the population spread, which the locals
+   pin down, then mix in a few sweeps instead of the many that a random walk needs to carry
+   every individual across its posterior. The mixture lets a chain whose Newton start sat
+   in a minor mode of some individual (an absorption and an elimination rate swapped, say)
+   jump to the others' modes.
+4. **Locals, conditional importance sampling**, all individuals at once. For individual
    :math:`i`, particle 0 is the current :math:`z_i` and particles :math:`1..K-1` are fresh
    draws of the guide, :math:`z_{ik} \sim q(z_i \mid y_i)`; one of the :math:`K` is kept
    with probability proportional to :math:`w_{ik} = p(y_i, z_{ik} \mid \theta) / q(z_{ik}
@@ -53,7 +70,7 @@ local latents :math:`z_i`. One sweep:
    invariant for any proposal :math:`q`, and the closer :math:`q` is to that conditional the
    more often the chain moves. The random walk of step 2 keeps the locals moving where the
    guide's draws rarely win (a mean-field guide against correlated locals, say). With
-   ``num_particles = 1`` this step is skipped and the random walk alone moves the locals.
+   ``num_particles = 1`` this step is skipped.
 
 Each step leaves the posterior invariant, so the sweep does. During ``warmup`` sweeps the
 step sizes adapt (Robbins-Monro on :math:`\log s_b` and :math:`\log a` toward an acceptance
@@ -61,10 +78,14 @@ rate of 0.35, from :math:`s_b = 2.38\, \mathrm{sd}_q(u_b) / \sqrt{d_b}`, the gui
 over the site's :math:`d_b` dimensions, and :math:`a = 2.38 / \sqrt{d}` for :math:`d` local
 dimensions per individual); after it they stay fixed and ``num_samples`` draws are kept (an
 equal number per chain, every sweep). Chains start from draws of the guide, the locals from
-importance resampling.
+importance resampling and then, with Laplace steps, from a draw of each chain's own Laplace
+approximation.
 
 Cost per sweep: one pass with :math:`C K N` ODE solves for the importance step and one pass
-with :math:`C N` per group of outer moves and per local random-walk step. The passes of step
+with :math:`C N` per group of outer moves, per local random-walk step and per Laplace step.
+Each Laplace approximation costs one pass with gradients and :math:`D + 1` more per Newton
+iteration (:math:`D` local numbers per individual; more where a step is halved): 3 iterations
+at the start, 1 halfway through warm-up. The passes of step
 1 run under :func:`pyro_hds.ode.reuse_solutions`: when the ODE parameters are the
 individuals' locals (a centred hierarchy), a move of an outer site leaves them as they were,
 and only the first of these passes solves. Without the importance step the kept states are
@@ -91,7 +112,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import biject_to
 
 from pyro_hds.objectives import IWAE, LogWeights, _local_frame
-from pyro_hds.ode import reuse_solutions
+from pyro_hds.ode import eager_solves, reuse_solutions
 from pyro_hds.results import _choose
 
 __all__ = ["particle_gibbs", "split_rhat"]
@@ -100,6 +121,8 @@ TARGET_ACCEPT = 0.35
 START_PARTICLES = 16
 ELEMENTWISE_GROUPS = 16  # group sites with at most this many groups move group by group
 MIN_WARMUP_TO_GROUP = 10  # warm-up sweeps that record footprints before moves are grouped
+LAPLACE_NEWTON = 3  # Newton iterations of the first Laplace approximations
+LAPLACE_REFRESH_NEWTON = 1  # and of those made again halfway through warm-up
 RECORD_SYSTEMS = 1 << 15  # chains x individuals evaluated together when recording states
 # a grouped pass changing a term outside its moves' footprints by less than this (relative)
 # is round-off (float32 sums of trajectories laid out differently), not a dependency
@@ -143,6 +166,14 @@ class _Passes:
                 num_particles=k, num_outer_particles=c, max_plate_nesting=self.nesting
             )
         return self._objectives[(k, c)]
+
+    def release(self) -> None:
+        """Detach the values a pass with gradients left in the cached guide traces."""
+        for trace, _ in self._templates.values():
+            for site in trace.nodes.values():
+                value = site.get("value")
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    site["value"] = value.detach()
 
     def guide_trace(self, k: int, chains: int | None = None):
         iw = self.objective(k, chains)
@@ -313,6 +344,7 @@ def particle_gibbs(
     num_particles: int = 16,
     local_steps: int = 1,
     outer_steps: int = 1,
+    laplace_steps: int = 1,
     progress: bool = False,
     record: Callable[[LogWeights, torch.Tensor], Any] = lambda weights, chosen: chosen,
 ) -> tuple[list[Any], dict[str, Any]]:
@@ -327,16 +359,20 @@ def particle_gibbs(
     Call it through :meth:`pyro_hds.FitResult.gibbs`, which turns the result into a
     :class:`~pyro_hds.Posterior`.
     """
-    if min(num_samples, num_chains, num_particles, outer_steps) < 1 or min(warmup, local_steps) < 0:
+    if (
+        min(num_samples, num_chains, num_particles, outer_steps) < 1
+        or min(warmup, local_steps, laplace_steps) < 0
+    ):
         raise ValueError(
             "gibbs(): need num_samples >= 1, num_chains >= 1, warmup >= 0, num_particles >= 1, "
-            f"local_steps >= 0 and outer_steps >= 1 (got {num_samples}, {num_chains}, "
-            f"{warmup}, {num_particles}, {local_steps}, {outer_steps})"
+            f"local_steps >= 0, outer_steps >= 1 and laplace_steps >= 0 (got {num_samples}, "
+            f"{num_chains}, {warmup}, {num_particles}, {local_steps}, {outer_steps}, "
+            f"{laplace_steps})"
         )
-    if num_particles == 1 and local_steps == 0:
+    if num_particles == 1 and local_steps == 0 and laplace_steps == 0:
         raise ValueError(
-            "gibbs(): with num_particles=1 (no importance step) the locals move by the random "
-            "walk alone; local_steps=0 would never move them. Use local_steps >= 1."
+            "gibbs(): with num_particles=1, local_steps=0 and laplace_steps=0 nothing would "
+            "move the locals. Use local_steps >= 1 or laplace_steps >= 1."
         )
     passes = _Passes(model, guide, data, num_chains)
     kept = -(-num_samples // num_chains)
@@ -402,6 +438,23 @@ def particle_gibbs(
         start = passes.run(1, outer, local, model_only=True)
         terms = _site_terms(start)
         local_keys = _local_keys(start)
+        # each chain's Laplace approximation of every individual's locals: each chain starts
+        # from a draw of its own, and the random walk follows their covariances from the
+        # first sweep on
+        laplace = None
+        held: torch.Tensor | None = None
+        refresh = warmup // 2 if warmup >= 4 else None
+        if laplace_steps and local_names:
+            laplace = _Laplace(local_names, transforms, spread)
+            laplace.fit(passes, outer, local, local_keys, LAPLACE_NEWTON)
+            assert laplace.mode is not None and laplace.chol is not None
+            assert laplace.ok is not None
+            u = laplace.mode + (laplace.chol @ torch.randn_like(laplace.mode)[..., None])[..., 0]
+            drawn, _ = laplace.values(u, local)
+            local = {name: _where(laplace.ok, drawn[name], local[name]) for name in local_names}
+            start = passes.run(1, outer, local, model_only=True)
+            terms = _site_terms(start)
+            walk.use(laplace.chol)
         local_shape = terms["_failed_local"].shape
         device = terms["_failed_local"].device
         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -432,7 +485,7 @@ def particle_gibbs(
             pending.clear()
 
         accepted = {name: 0.0 for name in outer_names}
-        local_accepted = moved = 0.0
+        local_accepted = moved = laplace_accepted = 0.0
         records: list[Any] = []
         bar = None
         if progress:
@@ -533,7 +586,41 @@ def particle_gibbs(
                         log_local_step += gain * (rate - TARGET_ACCEPT)
                     else:
                         local_accepted += rate / local_steps
-                # 3. the locals by conditional importance sampling among the current ones and
+                # 3. the locals by independence Metropolis with the mixture of the chains'
+                # Laplace approximations, made again halfway through warm-up (the outer
+                # values the first ones were made at are the guide's, often far off)
+                if laplace is not None:
+                    if sweep == refresh:
+                        laplace.fit(passes, outer, local, local_keys, LAPLACE_REFRESH_NEWTON)
+                        assert laplace.chol is not None
+                        walk.use(laplace.chol)
+                    assert laplace.member is not None
+                    usable = laplace.member.any(0)  # (N,): the mixture has a component
+                    # the current state's log |det J| minus log q (kept while only these
+                    # steps move the locals)
+                    if held is None or local_steps or sweep == refresh:
+                        u_old = laplace.flat(local)
+                        held = laplace.values(u_old, local)[1] - laplace.log_density(u_old)
+                    for _ in range(laplace_steps):
+                        u_new, _ = laplace.draw(num_chains)
+                        proposals, jac_new = laplace.values(u_new, local)
+                        new_held = jac_new - laplace.log_density(u_new)
+                        new_terms = _site_terms(passes.run(1, outer, proposals, model_only=True))
+                        log_alpha = (
+                            _local_total(new_terms, local_keys)
+                            + new_held
+                            - _local_total(terms, local_keys)
+                            - held
+                        )
+                        accept = _accept(log_alpha) & usable
+                        held = torch.where(accept, new_held, held)
+                        for name in local_names:
+                            local[name] = _where(accept, proposals[name], local[name])
+                        for k in local_keys:
+                            terms[k] = torch.where(accept, new_terms[k], terms[k])
+                        if sweep >= warmup:
+                            laplace_accepted += float(accept.double().mean()) / laplace_steps
+                # 4. the locals by conditional importance sampling among the current ones and
                 # K - 1 draws of the guide
                 if num_particles > 1:
                     weights = passes.run(num_particles, outer, local)
@@ -561,6 +648,13 @@ def particle_gibbs(
         "local_step_factor": math.exp(log_local_step),
         "local_covariance": walk.chol is not None,
         "local_move_rate": moved / kept if num_particles > 1 else None,
+        "laplace_acceptance": laplace_accepted / kept if laplace is not None else None,
+        "laplace_poor": (
+            float((~laplace.ok).double().mean())
+            if laplace is not None and laplace.ok is not None
+            else None
+        ),
+        "laplace_steps": laplace_steps,
         "num_chains": num_chains,
         "warmup": warmup,
         "num_particles": num_particles,
@@ -601,6 +695,11 @@ class _LocalWalk:
             u = self.transforms[name].inv(local[name].double())  # (C, 1, N, *event)
             parts.append(u.reshape(u.shape[0], u.shape[2], -1))
         return torch.cat(parts, -1)  # (C, N, D)
+
+    def use(self, chol: torch.Tensor) -> None:
+        """Follow these Cholesky factors ``(C or 1, N, D, D)`` from now on (and learn none)."""
+        self.chol = chol
+        self.start = self.switch = -1
 
     def learning(self, sweep: int) -> bool:
         return self.start <= sweep < self.switch
@@ -644,7 +743,7 @@ class _LocalWalk:
             return proposals, log_jac
         u = self._flat(local)
         eps = torch.randn_like(u)
-        u_all = u + factor * torch.einsum("nij,cnj->cni", self.chol, eps)
+        u_all = u + factor * (self.chol @ eps[..., None])[..., 0]
         at = 0
         for name in self.names:
             value = local[name]
@@ -657,6 +756,188 @@ class _LocalWalk:
             log_jac = log_jac + _ladj(self.transforms[name], u_new, proposal)
             log_jac = log_jac - _ladj(self.transforms[name], u_site, value)
         return proposals, log_jac
+
+
+class _Laplace:
+    r"""Each chain's Laplace approximation of every individual's locals given its outer
+    values, and the mixture of them all as an independence proposal.
+
+    For chain :math:`c` and individual :math:`i`, with the locals in unconstrained space
+    :math:`u` (all local sites together, flattened to ``D`` numbers) and
+    :math:`\ell_{ci}(u) = \log p(y_i, z_i = T(u) \mid \theta_c) + \log|\det J_T(u)|`, Newton's
+    method finds a mode :math:`m_{ci}` and the negative Hessian there gives
+    :math:`S_{ci} = (-\nabla^2 \ell_{ci}(m_{ci}))^{-1}`. Gradients come from autograd through
+    the model (one pass for every chain and individual at once: the target factorizes over
+    individuals); the Hessian from forward differences of gradients, one pass per local
+    dimension (steps of half the last approximation's standard deviation, at most a quarter
+    of the guide's spread), symmetrized. Eigenvalues of the negative
+    Hessian are floored at the precision of two guide spreads: a saddle or a flat direction
+    gives a wide Gaussian rather than none, and no wider (a far proposal can make a stiff ODE
+    fail). A Newton step moves at most three guide spreads in every coordinate and is halved
+    (up to four times) where :math:`\ell` would decrease by more than round-off. The
+    covariance is that of the last iteration's Hessian (made one step before the mode).
+
+    The proposal for individual :math:`i`, the same for every chain, is the equal mixture
+
+    .. math::
+
+        q_i(u) = \frac{1}{C'} \sum_{c\ \mathrm{ok}} \mathcal N(u;\ m_{ci}, S_{ci})
+
+    over the chains whose approximation is good: a finite :math:`\ell` at the mode and no
+    eigenvalue floored (an individual without any good one takes those that are finite; one
+    without those gets no proposal). A floored direction is a sign of a Hessian made far from
+    the mode or lost to the differences, and its wide Gaussian would mostly propose where
+    the posterior has no mass, or where a stiff ODE fails (slow to find out). One
+    chain's Newton start can sit in a minor mode (the flip-flop of an absorption and an
+    elimination rate, say); the other chains' components then let it jump, and the
+    Metropolis ratio weighs the modes as the posterior does. After warm-up it is fixed (made
+    from states of warm-up) and depends on no chain's current state, so an independence
+    Metropolis step with it leaves each chain's conditional :math:`p(z_i \mid \theta_c,
+    y_i)` invariant.
+    """
+
+    MAX_HALVINGS = 4
+    ROUND_OFF = 1e-5  # a relative change of the log-density below this is round-off
+    TRUST = 3.0  # a Newton step is at most this many guide spreads per coordinate
+    FLOOR_SPREADS = 2.0  # precision floor: the curvature of this many guide spreads
+
+    def __init__(self, names, transforms, spread) -> None:
+        self.names, self.transforms = names, transforms
+        self.spread = torch.cat(
+            [spread[name].reshape(spread[name].shape[2], -1) for name in names], -1
+        )  # (N, D)
+        self.mode: torch.Tensor | None = None  # (C, N, D)
+        self.chol: torch.Tensor | None = None  # (C, N, D, D)
+        self.ok: torch.Tensor | None = None  # (C, N): a finite approximation, curved everywhere
+        self.member: torch.Tensor | None = None  # (C, N): a component of the mixture
+        self.inverse: torch.Tensor | None = None  # (C, N, D, D): the inverses of chol
+        self.log_det: torch.Tensor | None = None  # (C, N): log |det chol|
+
+    def flat(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(C, N, D)`` unconstrained values of the local sites ``(C, 1, N, *event)``."""
+        parts = []
+        for name in self.names:
+            u = self.transforms[name].inv(local[name].double())
+            parts.append(u.reshape(u.shape[0], u.shape[2], -1))
+        return torch.cat(parts, -1)
+
+    def values(self, u: torch.Tensor, like: dict[str, torch.Tensor]):
+        """The local sites' values at ``u`` ``(C, N, D)`` (shapes and dtypes of ``like``) and
+        ``(C, N)`` log |det J| of the transforms there."""
+        out: dict[str, torch.Tensor] = {}
+        log_jac: torch.Tensor | float = 0.0
+        at = 0
+        for name in self.names:
+            value = like[name]
+            d = max(1, math.prod(value.shape[3:]))
+            u_site = u[..., at : at + d].reshape(u.shape[0], 1, *value.shape[2:])
+            at += d
+            z = self.transforms[name](u_site)
+            log_jac = log_jac + _ladj(self.transforms[name], u_site, z)
+            out[name] = z.to(value.dtype)
+        assert isinstance(log_jac, torch.Tensor)
+        return out, log_jac
+
+    def fit(self, passes, outer, local, local_keys, iterations: int) -> None:
+        """Newton's method from the chains' ``local`` values at their ``outer`` values, then
+        the approximations at the modes (see the class docstring)."""
+
+        def value_and_grad(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # eagerly: a compiled solver would compile its training kernel for these passes
+            with torch.enable_grad(), eager_solves():
+                u = u.detach().requires_grad_()
+                z, log_jac = self.values(u, local)
+                weights = passes.run(1, outer, z, model_only=True)
+                lp = _local_total(_site_terms(weights), local_keys) + log_jac
+                lp = torch.nan_to_num(lp, nan=-math.inf)
+                (grad,) = torch.autograd.grad(torch.where(torch.isfinite(lp), lp, 0.0).sum(), u)
+            passes.release()
+            return lp.detach(), torch.nan_to_num(grad.detach())
+
+        u = self.flat(local)
+        d = u.shape[-1]
+        spread = self.spread.to(u).expand_as(u)
+        if self.chol is not None and self.chol.shape[0] == u.shape[0]:
+            sd = self.chol.pow(2).sum(-1).sqrt()  # the last approximation's
+        else:
+            sd = 0.5 * spread
+        h = 0.5 * torch.minimum(sd, 0.5 * spread)  # at most a quarter of the guide's spread
+        eye = torch.eye(d, dtype=u.dtype, device=u.device)
+        floor = (self.FLOOR_SPREADS * spread).pow(-2).min(-1).values[..., None]  # (C, N, 1)
+
+        def precision(u: torch.Tensor, grad: torch.Tensor):
+            columns = []
+            for j in range(d):
+                _, grad_j = value_and_grad(u + h[..., j : j + 1] * eye[j])
+                columns.append((grad_j - grad) / h[..., j : j + 1])
+            hess = torch.stack(columns, -1)
+            evals, evecs = torch.linalg.eigh(-(hess + hess.transpose(-1, -2)) / 2)
+            evals = torch.nan_to_num(evals, nan=0.0)
+            flat = (evals <= floor).any(-1)  # (C, N): a direction of (almost) no curvature
+            return evals.maximum(floor), torch.nan_to_num(evecs), flat
+
+        lp, grad = value_and_grad(u)
+        evals = evecs = flat = None
+        for _ in range(iterations):
+            evals, evecs, flat = precision(u, grad)
+            step = evecs @ ((evecs.transpose(-1, -2) @ grad[..., None]) / evals[..., None])
+            step = step[..., 0]
+            over = (step.abs() / (self.TRUST * spread)).amax(-1, keepdim=True).clamp(min=1.0)
+            step = step / over
+            for _ in range(self.MAX_HALVINGS + 1):
+                lp_new, grad_new = value_and_grad(u + step)
+                # "not lower" up to the round-off of a float32 model's sums near a mode
+                better = torch.isfinite(lp_new) & (
+                    (lp_new >= lp - self.ROUND_OFF * (1 + lp.abs())) | ~torch.isfinite(lp)
+                )
+                u = torch.where(better[..., None], u + step, u)
+                grad = torch.where(better[..., None], grad_new, grad)
+                lp = torch.where(better, lp_new, lp)
+                if bool(better.all()):
+                    break
+                step = torch.where(better[..., None], 0.0, step / 2)
+        if evals is None or evecs is None or flat is None:
+            evals, evecs, flat = precision(u, grad)
+        # else the last iteration's curvature (its start lies within a step of the mode)
+        cov = evecs @ torch.diag_embed(evals.reciprocal()) @ evecs.transpose(-1, -2)
+        chol, info = torch.linalg.cholesky_ex(cov)
+        finite = torch.isfinite(lp) & (info == 0) & torch.isfinite(chol).all(-1).all(-1)
+        # a flat direction (a saddle, a start far from the mode, a curvature lost to the
+        # differences) gives a floored, wide Gaussian: kept in the mixture only for an
+        # individual without a better one
+        self.ok = finite & ~flat
+        self.member = torch.where(self.ok.any(0), self.ok, finite)
+        self.mode = u
+        fallback = torch.diag_embed(sd)
+        self.chol = torch.where(finite[..., None, None], torch.nan_to_num(chol), fallback)
+        self.inverse = torch.linalg.solve_triangular(
+            self.chol, torch.eye(d, dtype=u.dtype, device=u.device), upper=False
+        )
+        self.log_det = self.chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+    def draw(self, chains: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``chains`` draws ``(C, N, D)`` of every individual's mixture and which component
+        each came from ``(C, N)``."""
+        assert self.mode is not None and self.chol is not None and self.member is not None
+        weights = self.member.double().transpose(0, 1)  # (N, C'): the mixture's components
+        weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, 1.0)
+        component = torch.multinomial(weights, chains, replacement=True).transpose(0, 1)
+        n = torch.arange(component.shape[1], device=component.device)
+        mode, chol = self.mode[component, n], self.chol[component, n]  # (C, N, D), (C, N, D, D)
+        eps = torch.randn_like(mode)
+        return mode + (chol @ eps[..., None])[..., 0], component
+
+    def log_density(self, u: torch.Tensor) -> torch.Tensor:
+        """``(C, N)`` log-density of the mixture at ``u`` ``(C, N, D)``, up to a constant;
+        ``-inf`` for an individual none of whose approximations succeeded."""
+        assert self.mode is not None and self.inverse is not None and self.member is not None
+        assert self.log_det is not None
+        diff = u[:, None] - self.mode[None]  # (C, C', N, D)
+        # a product (batched solves of many tiny systems cost far more)
+        white = torch.einsum("knij,cknj->ckni", self.inverse, diff)  # (C, C', N, D)
+        terms = -0.5 * white.pow(2).sum(-1) - self.log_det[None]  # (C, C', N)
+        terms = torch.where(self.member[None], terms, -math.inf)
+        return torch.logsumexp(terms, 1)
 
 
 def split_rhat(draws: torch.Tensor, num_chains: int) -> torch.Tensor:

@@ -356,8 +356,8 @@ def solve(
     f.segment_start = None  # type: ignore[attr-defined]
     f.piecewise = piecewise  # type: ignore[attr-defined]
 
-    fused = None  # compile=True (refused with adjoint=True above)
-    if getattr(solver, "compile", False):
+    fused = None  # compile=True (refused with adjoint=True above), unless eager_solves()
+    if getattr(solver, "compile", False) and not _EAGER:
         fused = FusedRhs(rhs, pf, flat_inputs if piecewise else None)
     if adjoint:
         ys, status, steps, rejected, reached = _adjoint(
@@ -437,6 +437,25 @@ def _adjoint(solver, f, y0f, tf, t0f, pf, per_element_grid, name):
     status = torch.where(ok, int(Status.SUCCESS), int(Status.NONFINITE)).long()
     zeros = torch.zeros(b, dtype=torch.long, device=y0f.device)
     return ys, status, zeros, zeros, None
+
+
+# eager_solves() depth: while positive, compile=True solvers integrate eagerly
+_EAGER: list[None] = []
+
+
+@contextlib.contextmanager
+def eager_solves() -> Iterator[None]:
+    """Within this context solvers made with ``compile=True`` integrate eagerly (the same
+    steps, equal to round-off), compiling nothing. For a few passes that need a kernel no
+    other pass uses: :func:`pyro_hds.gibbs.particle_gibbs` differentiates the model a few
+    dozen times (its Laplace approximations) but otherwise never, and compiling the
+    training kernel for those passes would cost more than they do (tens of seconds on a
+    fresh install)."""
+    _EAGER.append(None)
+    try:
+        yield
+    finally:
+        _EAGER.pop()
 
 
 # memo tables of reuse_solutions(), innermost last: site name -> its last MEMO_DEPTH calls'

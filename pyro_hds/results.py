@@ -391,6 +391,7 @@ class FitResult:
         num_particles: int = 16,
         local_steps: int = 1,
         outer_steps: int = 1,
+        laplace_steps: int = 1,
         seed: int | None = None,
         progress: bool = True,
     ) -> Posterior:
@@ -410,11 +411,13 @@ class FitResult:
             and the chains forget their start. With many individuals a population
             parameter's posterior can be far narrower than the fit's error (the benchmark's
             noise SD, 1000 individuals after a 100-step fit: 188 posterior SDs off), and the
-            chains bring it in only as fast as the locals move: check R-hat, and if it is
-            not near 1, raise ``warmup`` or fit longer.
+            chains bring it in only as fast as the locals move. With Laplace steps they move
+            to near-fresh draws every sweep, and there 30 warm-up sweeps sufficed (about 100
+            with the random walk alone; docs/benchmarks.md). Check R-hat, and if it is not
+            near 1, raise ``warmup`` or fit longer.
         :param num_particles: ``K``: the current locals of each individual plus ``K - 1``
             draws of the guide, among which the importance step keeps one (1: no importance
-            step, the random walk alone moves the locals).
+            step).
         :param local_steps: random-walk Metropolis steps on every individual's locals per
             sweep (0: the importance step alone). The importance step costs ``K`` times a
             random-walk step; with a guide whose draws rarely win (``local_move_rate`` of a
@@ -425,12 +428,26 @@ class FitResult:
             second one can mix the population parameters much faster (a scratch probe on the
             benchmark's PK model: smallest bulk ESS 198 against 62 of 1000 draws for 23%
             more time).
+        :param laplace_steps: independence Metropolis steps per sweep on every individual's
+            locals, proposed from the mixture of the chains' Laplace approximations of
+            :math:`p(z_i \mid \theta, y_i)` (made before the first sweep, by Newton's method
+            with gradients through the ODE solves, and again halfway through warm-up); the
+            chains also start from draws of them, and the random walk follows their
+            covariances. Each step costs one pass like a random-walk step; the
+            approximations cost about ``D + 1`` passes with gradients per Newton iteration
+            (``D`` local numbers per individual). 0: none of this (the random walk learns its
+            covariances from the chains in warm-up). The model must be differentiable in
+            its locals (every solver of this package is).
         :returns: a :class:`Posterior` whose draws are ``num_chains`` chains one after another
             (``num_chains`` set), with ``diagnostics``: ``acceptance`` and ``step_size`` per
             global and group site (a group site of at most 16 groups moves, and adapts its
             steps, one group at a time), ``local_acceptance`` and ``local_step_factor`` of the
-            locals' random walk, ``local_covariance`` (whether the walk switched to each
-            individual's covariance learned in warm-up: with ``warmup >= 20``),
+            locals' random walk, ``local_covariance`` (whether the walk followed each
+            individual's covariance: the Laplace approximations', or one learned in warm-up
+            with ``warmup >= 20``), ``laplace_acceptance`` of the Laplace steps after
+            warm-up and ``laplace_poor``, the share of chains and individuals whose last
+            approximation failed or had a direction without curvature (left out of the
+            mixture; None without Laplace steps),
             ``local_move_rate`` (the share of individuals whose locals the importance step
             changed per sweep; None without it), ``outer_groups`` (the moves that share a
             pass from early in warm-up on, see :mod:`pyro_hds.gibbs`) and, with at least 4
@@ -458,6 +475,7 @@ class FitResult:
             num_particles=num_particles,
             local_steps=local_steps,
             outer_steps=outer_steps,
+            laplace_steps=laplace_steps,
             progress=progress,
             record=self._resample,
         )

@@ -268,6 +268,8 @@ def test_quick_run_with_ode_nuts_and_no_new_individuals(numpyro_installed):
         "2",
         "--gibbs-outer-steps",
         "2",
+        "--gibbs-laplace-steps",
+        "1",
         "--compile-draws",
     )
     # an eager fit, then compiled draws (compiling from empty caches)
@@ -275,10 +277,10 @@ def test_quick_run_with_ode_nuts_and_no_new_individuals(numpyro_installed):
     # the draws by particle Gibbs: 20 draws, 2 chains, 4 warm-up sweeps, no importance step
     assert (
         "20 draws by particle Gibbs (2 chains, 4 warm-up sweeps, K = 1 in the importance "
-        "step, 2 random-walk steps on the locals and 2 on the global and group sites per "
-        "sweep)" in out
+        "step, 2 random-walk and 1 Laplace independence steps on the locals and 2 on the "
+        "global and group sites per sweep)" in out
     )
-    assert "importance step none;" in out
+    assert re.search(r"Laplace independence steps \d\.\d\d, importance step none;", out), out
     chains = re.search(
         r"^  gibbs: acceptance ka_pop \S+, .*min bulk ESS (\d+) of 20, max split R-hat (\S+) "
         r"\(2 chains\)$",

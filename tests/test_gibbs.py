@@ -76,12 +76,12 @@ def biased():
 
 
 @pytest.mark.parametrize(
-    "num_particles, local_steps, outer_steps",
-    [(8, 1, 1), (8, 0, 1), (1, 3, 2)],
-    ids=["walk+importance", "importance", "walk, two outer steps"],
+    "num_particles, local_steps, outer_steps, laplace_steps",
+    [(8, 1, 1, 0), (8, 0, 1, 0), (1, 3, 2, 0), (1, 0, 2, 1)],
+    ids=["walk+importance", "importance", "walk, two outer steps", "laplace"],
 )
 def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(
-    biased, num_particles, local_steps, outer_steps, recwarn
+    biased, num_particles, local_steps, outer_steps, laplace_steps, recwarn
 ):
 
     _, mean, sd, result = biased
@@ -92,6 +92,7 @@ def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(
         num_particles=num_particles,
         local_steps=local_steps,
         outer_steps=outer_steps,
+        laplace_steps=laplace_steps,
         seed=0,
         progress=False,
     )
@@ -117,6 +118,98 @@ def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(
         assert diag["local_move_rate"] is None
     if local_steps:
         assert 0.1 < diag["local_acceptance"] < 0.7, diag
+    if laplace_steps:
+        # each chain's approximation is the exact conditional at its own g (see the test
+        # below); the mixture over the chains is wider than any one by their spread of g
+        # (the conditional mean moves by (1/SZ^2) / prec = 1/3 of g's change; g's posterior
+        # SD here is under 0.5 conditional SDs of z), so most proposals are accepted
+        assert diag["laplace_acceptance"] > 0.8, diag
+        assert diag["laplace_poor"] == 0.0
+    else:
+        assert diag["laplace_acceptance"] is None and diag["laplace_poor"] is None
+
+
+def test_laplace_approximation_of_the_conjugate_model_is_its_exact_conditional(biased):
+    """Given mu and g, z_i of the linear-Gaussian hierarchy is Gaussian with precision
+    1/SZ^2 + T/SY^2 and mean (g_i/SZ^2 + sum_t y_it/SY^2) / precision. Its log-density is
+    quadratic, so Newton's first step lands on the mode and forward differences of the
+    (linear) gradient give the Hessian exactly: every chain's approximation, at its own g,
+    is the exact conditional to round-off. The mixture's log-density is that of the equal
+    mixture of the chains' Gaussians (up to its constant)."""
+    from torch.distributions import biject_to, constraints
+
+    from pyro_hds.gibbs import _Laplace, _local_keys, _Passes
+
+    data, _, _, result = biased
+    chains = 3
+    passes = _Passes(model, result.guide, data, chains)
+    with torch.no_grad():
+        nodes = passes.run(1, None, None).guide_trace.nodes
+        outer = {name: nodes[name]["value"][:, :1] for name in ("mu", "g")}
+        local = {"z": nodes["z"]["value"][:, :1] + 0.5}  # within a Newton step of the mode
+        keys = _local_keys(passes.run(1, outer, local, model_only=True))
+        spread = {"z": torch.full((1, 1, N), 0.3)}
+        laplace = _Laplace(["z"], {"z": biject_to(constraints.real)}, spread)
+        laplace.fit(passes, outer, local, keys, iterations=2)
+    prec = 1 / SZ**2 + T / SY**2
+    g = outer["g"][:, 0][:, data.groups]  # (C, N)
+    mode = (g / SZ**2 + data.y.sum(-1) / SY**2) / prec
+    assert laplace.mode is not None and laplace.chol is not None
+    torch.testing.assert_close(laplace.mode[..., 0], mode, rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        laplace.chol[..., 0, 0], torch.full_like(mode, prec**-0.5), rtol=1e-7, atol=0
+    )
+    assert laplace.ok is not None and bool(laplace.ok.all())
+
+    u = mode[:, :, None] + torch.randn(chains, N, 1)
+    parts = dist.Normal(mode, prec**-0.5).log_prob(u[:, None, :, 0])  # (C, C', N)
+    mixture = torch.logsumexp(parts, 1) - math.log(chains)
+    constant = math.log(chains) + 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(laplace.log_density(u), mixture + constant, rtol=0, atol=1e-9)
+    draws, component = laplace.draw(chains)
+    assert draws.shape == (chains, N, 1) and component.shape == (chains, N)
+
+
+def bimodal_model(data):
+    """y_it ~ N(z_i^2, 0.1): z_i = +1 and -1 fit y = 1 equally, and the prior N(0, 1) is
+    symmetric, so every z_i's posterior has two mirror modes of equal mass (mu, a global
+    with its prior alone, gives the chains an outer site)."""
+    pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("individuals", data.total_size, subsample=data.indices, dim=-1):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(z.pow(2).unsqueeze(-1), 0.1).to_event(1), obs=data.y)
+
+
+def bimodal_guide(data):
+    pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("individuals", data.total_size, subsample=data.indices, dim=-1):
+        pyro.sample("z", dist.Normal(0.0, 1.2))
+
+
+def test_gibbs_laplace_mixture_jumps_between_modes_the_chains_found():
+    """Each chain's Newton start lies in the mode of z_i its importance-resampled start was
+    in; the mixture of all chains' approximations holds both modes (unless every chain
+    started in the same one), and its independence steps carry each chain across the
+    valley at 0 (150 nats deep): every chain spends about half its draws of every z_i on
+    each side, as the symmetric posterior does."""
+    from types import SimpleNamespace
+
+    n = 6
+    data = SimpleNamespace(
+        y=torch.ones(n, 3),
+        groups=torch.zeros(n, dtype=torch.long),
+        total_size=n,
+        indices=torch.arange(n),
+    )
+    result = FitResult(bimodal_model, bimodal_guide, data)
+    options = {"num_samples": 8 * 250, "num_chains": 8, "warmup": 20, "num_particles": 1}
+    post = result.gibbs(**options, local_steps=0, laplace_steps=1, seed=0, progress=False)
+    positive = (post.samples["z"] > 0).double().reshape(8, 250, n).mean(1)  # (chain, z_i)
+    # 250 draws of a chain: the share's binomial SD 0.032 times the square root of the
+    # autocorrelation time (about 1 / acceptance: the mixture's weights on the modes are at
+    # worst 1:7 where the posterior's are 1:1, so at most about 4): 0.2 is over 3 SDs
+    assert post.diagnostics["laplace_acceptance"] > 0.25, post.diagnostics
+    assert ((positive > 0.3) & (positive < 0.7)).all(), positive
 
 
 def test_gibbs_validates_its_first_passes_and_not_the_sweeps(biased):
@@ -198,8 +291,10 @@ def test_gibbs_options_and_errors(biased):
     assert alone.diagnostics["local_acceptance"] is None and alone.samples["z"].shape == (4, N)
     with pytest.raises(ValueError, match="num_particles >= 1"):
         result.gibbs(num_samples=4, num_particles=0)
-    with pytest.raises(ValueError, match="local_steps=0 would never move"):
-        result.gibbs(num_samples=4, num_particles=1, local_steps=0)
+    with pytest.raises(ValueError, match="nothing would move the locals"):
+        result.gibbs(num_samples=4, num_particles=1, local_steps=0, laplace_steps=0)
+    with pytest.raises(ValueError, match="laplace_steps >= 0"):
+        result.gibbs(num_samples=4, laplace_steps=-1)
     with pytest.raises(ValueError, match="num_chains >= 1"):
         result.gibbs(num_samples=4, num_chains=0)
     with pytest.raises(ValueError, match="outer_steps >= 1"):
@@ -294,9 +389,11 @@ def test_gibbs_with_a_compiled_solver_compiles_only_the_no_grad_kernel():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("num_particles, local_steps", [(4, 1), (1, 2)])
+@pytest.mark.parametrize(
+    "num_particles, local_steps, laplace_steps", [(4, 1, 0), (1, 2, 0), (1, 0, 1), (4, 1, 1)]
+)
 def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(
-    monkeypatch, solves, num_particles, local_steps
+    monkeypatch, solves, num_particles, local_steps, laplace_steps
 ):
     # pk_oral is centred: the outer moves keep every ODE parameter, so reuse_solutions spares
     # their solves; the chain must be the same draw for draw as with every pass solving
@@ -313,6 +410,7 @@ def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(
         "warmup": 3,
         "num_particles": num_particles,
         "local_steps": local_steps,
+        "laplace_steps": laplace_steps,
         "seed": 0,
     }
     reused = result.gibbs(**options)
@@ -322,6 +420,9 @@ def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(
     plain = result.gibbs(**options)
     for name in ("sigma", "cl_group", "ka", "x"):
         torch.testing.assert_close(reused.samples[name], plain.samples[name], rtol=0, atol=0)
+    if laplace_steps:  # the count below is that of the sweeps without Laplace steps
+        assert solved_reused < len(calls)
+        return
     # per sweep (never grouped: warm-up < 10): a pass at the state, 9 outer passes (6
     # globals, then cl_group's 3 groups one at a time), then the random-walk passes and the
     # importance pass. Of the first ten none solves in the first sweep (the start's pass had
