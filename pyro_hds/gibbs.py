@@ -28,8 +28,8 @@ local latents :math:`z_i`. One sweep:
 
    In the first sweeps every move is its own pass, and each move records its *footprint*:
    the elements of the model's log-density terms that it changed (a term per individual for
-   a site in the individuals plate, per group for a group site). With ``warmup >= 10``, from
-   sweep :math:`\max(10, \lfloor\mathrm{warmup}/10\rfloor)` on, moves whose footprints are
+   a site in the individuals plate, per group for a group site). With ``warmup >= 5``, from
+   sweep :math:`\max(5, \lfloor\mathrm{warmup}/10\rfloor)` on, moves whose footprints are
    pairwise disjoint (say a population mean whose only children are one local site, the
    noise scale whose only child is the likelihood, or two groups' values, each changing its
    own prior term and its own individuals) share one pass: they propose together and each
@@ -120,7 +120,7 @@ __all__ = ["particle_gibbs", "split_rhat"]
 TARGET_ACCEPT = 0.35
 START_PARTICLES = 16
 ELEMENTWISE_GROUPS = 16  # group sites with at most this many groups move group by group
-MIN_WARMUP_TO_GROUP = 10  # warm-up sweeps that record footprints before moves are grouped
+MIN_WARMUP_TO_GROUP = 5  # warm-up sweeps that record footprints before moves are grouped
 LAPLACE_NEWTON = 3  # Newton iterations of the first Laplace approximations
 LAPLACE_REFRESH_NEWTON = 1  # and of those made again halfway through warm-up
 RECORD_SYSTEMS = 1 << 15  # chains x individuals evaluated together when recording states
@@ -291,14 +291,20 @@ def _overlap(a: Footprint, b: Footprint) -> bool:
 
 
 def _check_strays(
-    new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], footprints: list[Footprint], moves
+    new: dict[str, torch.Tensor],
+    old: dict[str, torch.Tensor],
+    footprints: list[Footprint],
+    moves,
+    covered: frozenset[str] = frozenset(),
 ) -> None:
     """Raise when a joint pass of moves changed an element of a term outside all of their
     footprints: then the moves do not commute, and accepting each on its own terms would
     be wrong."""
     strays = []
     for k in old:
-        if torch.equal(new[k], old[k]):  # most terms: one comparison
+        if k in covered:  # a footprint holds every element of this term: no stray possible
+            continue
+        if torch.equal(new[k], old[k]):  # most other terms: one comparison
             continue
         changed = _changed(new[k], old[k], STRAY_TOLERANCE)
         for fp in footprints:
@@ -462,6 +468,7 @@ def particle_gibbs(
         footprints: list[Footprint] = [{} for _ in range(nblocks)]
         singles = [[i] for i in range(nblocks)]
         groups = singles
+        covered: dict[tuple[int, ...], frozenset[str]] = {}
         # moves are grouped from this sweep on (footprints recorded in the sweeps before it)
         group_from = (
             max(MIN_WARMUP_TO_GROUP, warmup // 10) if warmup >= MIN_WARMUP_TO_GROUP else None
@@ -504,6 +511,13 @@ def particle_gibbs(
                 grouped = group_from is not None and sweep >= group_from
                 if sweep == group_from:
                     groups = _group_blocks(footprints)
+                    # per group, the terms some footprint holds whole (no stray to look for)
+                    covered = {
+                        tuple(group): frozenset(
+                            k for i in group for k, m in footprints[i].items() if bool(m.all())
+                        )
+                        for group in groups
+                    }
                 if not grouped:
                     # the terms of the state from one pass, so that a footprint holds what a
                     # move changed and not round-off: the walk's passes computed some
@@ -530,7 +544,13 @@ def particle_gibbs(
                         moves.append((i, name, mask, proposal, ladj))
                     new_terms = _site_terms(passes.run(1, given, local, model_only=True))
                     if len(group) > 1:
-                        _check_strays(new_terms, terms, [footprints[i] for i in group], moves)
+                        _check_strays(
+                            new_terms,
+                            terms,
+                            [footprints[i] for i in group],
+                            moves,
+                            covered[tuple(group)],
+                        )
                     for i, name, mask, proposal, ladj in moves:
                         if len(group) == 1:  # every term, every element
                             if not grouped:

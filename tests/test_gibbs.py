@@ -423,7 +423,7 @@ def test_gibbs_reuses_solves_of_outer_moves_without_changing_the_chain(
     if laplace_steps:  # the count below is that of the sweeps without Laplace steps
         assert solved_reused < len(calls)
         return
-    # per sweep (never grouped: warm-up < 10): a pass at the state, 9 outer passes (6
+    # per sweep (never grouped: warm-up < 5): a pass at the state, 9 outer passes (6
     # globals, then cl_group's 3 groups one at a time), then the random-walk passes and the
     # importance pass. Of the first ten none solves in the first sweep (the start's pass had
     # the same locals). After an importance step the first in every later sweep solves (its
