@@ -616,9 +616,9 @@ def particle_gibbs(
                         walk.use(laplace.chol)
                     assert laplace.member is not None
                     usable = laplace.member.any(0)  # (N,): the mixture has a component
-                    # the current state's log |det J| minus log q (kept while only these
-                    # steps move the locals)
-                    if held is None or local_steps or sweep == refresh:
+                    # the current state's log |det J| minus log q, kept from the last sweep
+                    # when only these steps move the locals (no walk, no importance step)
+                    if held is None or local_steps or num_particles > 1 or sweep == refresh:
                         u_old = laplace.flat(local)
                         held = laplace.values(u_old, local)[1] - laplace.log_density(u_old)
                     for _ in range(laplace_steps):

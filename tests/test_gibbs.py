@@ -77,8 +77,8 @@ def biased():
 
 @pytest.mark.parametrize(
     "num_particles, local_steps, outer_steps, laplace_steps",
-    [(8, 1, 1, 0), (8, 0, 1, 0), (1, 3, 2, 0), (1, 0, 2, 1)],
-    ids=["walk+importance", "importance", "walk, two outer steps", "laplace"],
+    [(8, 1, 1, 0), (8, 0, 1, 0), (1, 3, 2, 0), (1, 0, 2, 1), (8, 0, 1, 1)],
+    ids=["walk+importance", "importance", "walk, two outer steps", "laplace", "laplace+importance"],
 )
 def test_gibbs_recovers_the_exact_posterior_from_a_biased_guide(
     biased, num_particles, local_steps, outer_steps, laplace_steps, recwarn
