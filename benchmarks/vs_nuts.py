@@ -540,7 +540,7 @@ def report_chains(posterior) -> None:
     rhat = max(float(np.max(split_gelman_rubin(x))) for x in pop)
     walk = diag["local_acceptance"]
     moved = diag["local_move_rate"]
-    laplace = diag.get("laplace_acceptance")
+    laplace = diag["laplace_acceptance"]
     print(
         f"  gibbs: acceptance {rates}; locals: random walk "
         f"{'none' if walk is None else f'{walk:.2f}'}, Laplace independence steps "

@@ -448,7 +448,8 @@ def particle_gibbs(
         # from a draw of its own, and the random walk follows their covariances from the
         # first sweep on
         laplace = None
-        held: torch.Tensor | None = None
+        held = torch.zeros(())  # see step 3: computed for the locals' tensors in held_at
+        held_at: dict[str, torch.Tensor] = {}
         refresh = warmup // 2 if warmup >= 4 else None
         if laplace_steps and local_names:
             laplace = _Laplace(local_names, transforms, spread)
@@ -490,6 +491,13 @@ def particle_gibbs(
             )
             records.append(record(weights, chosen))
             pending.clear()
+
+        def take(accept: torch.Tensor, proposals, new_terms) -> None:
+            """Accept each chain's and individual's proposed locals where ``accept``."""
+            for name in local_names:
+                local[name] = _where(accept, proposals[name], local[name])
+            for k in local_keys:  # terms outside the plate do not depend on the locals
+                terms[k] = torch.where(accept, new_terms[k], terms[k])
 
         accepted = {name: 0.0 for name in outer_names}
         local_accepted = moved = laplace_accepted = 0.0
@@ -597,10 +605,7 @@ def particle_gibbs(
                     local_lp = _local_total(terms, local_keys)
                     new_local = _local_total(new_terms, local_keys)
                     accept = _accept(new_local - local_lp + log_jac)  # (C, N)
-                    for name in local_names:
-                        local[name] = _where(accept, proposals[name], local[name])
-                    for k in local_keys:  # terms outside the plate do not depend on the locals
-                        terms[k] = torch.where(accept, new_terms[k], terms[k])
+                    take(accept, proposals, new_terms)
                     rate = float(accept.double().mean())
                     if sweep < warmup:
                         log_local_step += gain * (rate - TARGET_ACCEPT)
@@ -616,11 +621,12 @@ def particle_gibbs(
                         walk.use(laplace.chol)
                     assert laplace.member is not None
                     usable = laplace.member.any(0)  # (N,): the mixture has a component
-                    # the current state's log |det J| minus log q, kept from the last sweep
-                    # when only these steps move the locals (no walk, no importance step)
-                    if held is None or local_steps or num_particles > 1 or sweep == refresh:
-                        u_old = laplace.flat(local)
-                        held = laplace.values(u_old, local)[1] - laplace.log_density(u_old)
+                    # the current state's log |det J| minus log q, kept while no other move
+                    # has replaced the locals' tensors and the mixture is the same
+                    if sweep == refresh or any(local[n] is not held_at.get(n) for n in local):
+                        held = _log_jac(local, local_names, transforms) - laplace.log_density(
+                            laplace.flat(local)
+                        )
                     for _ in range(laplace_steps):
                         u_new, _ = laplace.draw(num_chains)
                         proposals, jac_new = laplace.values(u_new, local)
@@ -634,10 +640,8 @@ def particle_gibbs(
                         )
                         accept = _accept(log_alpha) & usable
                         held = torch.where(accept, new_held, held)
-                        for name in local_names:
-                            local[name] = _where(accept, proposals[name], local[name])
-                        for k in local_keys:
-                            terms[k] = torch.where(accept, new_terms[k], terms[k])
+                        take(accept, proposals, new_terms)
+                        held_at = dict(local)
                         if sweep >= warmup:
                             laplace_accepted += float(accept.double().mean()) / laplace_steps
                 # 4. the locals by conditional importance sampling among the current ones and
@@ -709,13 +713,6 @@ class _LocalWalk:
         self.outer_sum: torch.Tensor | None = None
         self.count = 0
 
-    def _flat(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for name in self.names:
-            u = self.transforms[name].inv(local[name].double())  # (C, 1, N, *event)
-            parts.append(u.reshape(u.shape[0], u.shape[2], -1))
-        return torch.cat(parts, -1)  # (C, N, D)
-
     def use(self, chol: torch.Tensor) -> None:
         """Follow these Cholesky factors ``(C or 1, N, D, D)`` from now on (and learn none)."""
         self.chol = chol
@@ -725,7 +722,7 @@ class _LocalWalk:
         return self.start <= sweep < self.switch
 
     def learn(self, local: dict[str, torch.Tensor]) -> None:
-        u = self._flat(local)
+        u = _flatten(local, self.names, self.transforms)
         s1, s2 = u.sum(0), torch.einsum("cni,cnj->nij", u, u)
         self.sum = s1 if self.sum is None else self.sum + s1
         self.outer_sum = s2 if self.outer_sum is None else self.outer_sum + s2
@@ -736,10 +733,7 @@ class _LocalWalk:
         n = float(self.count)
         mean = self.sum / n
         cov = self.outer_sum / n - mean[:, :, None] * mean[:, None, :]
-        guide_var = torch.cat(
-            [self.spread[name].reshape(self.spread[name].shape[2], -1) for name in self.names],
-            -1,
-        ).pow(2)  # (N, D)
+        guide_var = _flat_spread(self.spread, self.names).pow(2)  # (N, D)
         w = self.PRIOR_DRAWS
         cov = (n * cov + w * torch.diag_embed(guide_var)) / (n + w)
         chol, info = torch.linalg.cholesky_ex(cov)  # (N, D, D)
@@ -761,21 +755,11 @@ class _LocalWalk:
                 log_jac = log_jac + _ladj(self.transforms[name], u_new, proposal)
                 log_jac = log_jac - _ladj(self.transforms[name], u, local[name])
             return proposals, log_jac
-        u = self._flat(local)
+        u = _flatten(local, self.names, self.transforms)
         eps = torch.randn_like(u)
-        u_all = u + factor * (self.chol @ eps[..., None])[..., 0]
-        at = 0
-        for name in self.names:
-            value = local[name]
-            d = max(1, math.prod(value.shape[3:]))
-            u_site = self.transforms[name].inv(value.double())
-            u_new = u_all[..., at : at + d].reshape(u_site.shape)
-            at += d
-            proposal = self.transforms[name](u_new).to(value.dtype)
-            proposals[name] = proposal
-            log_jac = log_jac + _ladj(self.transforms[name], u_new, proposal)
-            log_jac = log_jac - _ladj(self.transforms[name], u_site, value)
-        return proposals, log_jac
+        u_new = u + factor * (self.chol @ eps[..., None])[..., 0]
+        proposals, log_jac = _unflatten(u_new, local, self.names, self.transforms)
+        return proposals, log_jac - _log_jac(local, self.names, self.transforms)
 
 
 class _Laplace:
@@ -823,9 +807,7 @@ class _Laplace:
 
     def __init__(self, names, transforms, spread) -> None:
         self.names, self.transforms = names, transforms
-        self.spread = torch.cat(
-            [spread[name].reshape(spread[name].shape[2], -1) for name in names], -1
-        )  # (N, D)
+        self.spread = _flat_spread(spread, names)  # (N, D)
         self.mode: torch.Tensor | None = None  # (C, N, D)
         self.chol: torch.Tensor | None = None  # (C, N, D, D)
         self.ok: torch.Tensor | None = None  # (C, N): a finite approximation, curved everywhere
@@ -835,28 +817,11 @@ class _Laplace:
 
     def flat(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(C, N, D)`` unconstrained values of the local sites ``(C, 1, N, *event)``."""
-        parts = []
-        for name in self.names:
-            u = self.transforms[name].inv(local[name].double())
-            parts.append(u.reshape(u.shape[0], u.shape[2], -1))
-        return torch.cat(parts, -1)
+        return _flatten(local, self.names, self.transforms)
 
     def values(self, u: torch.Tensor, like: dict[str, torch.Tensor]):
-        """The local sites' values at ``u`` ``(C, N, D)`` (shapes and dtypes of ``like``) and
-        ``(C, N)`` log |det J| of the transforms there."""
-        out: dict[str, torch.Tensor] = {}
-        log_jac: torch.Tensor | float = 0.0
-        at = 0
-        for name in self.names:
-            value = like[name]
-            d = max(1, math.prod(value.shape[3:]))
-            u_site = u[..., at : at + d].reshape(u.shape[0], 1, *value.shape[2:])
-            at += d
-            z = self.transforms[name](u_site)
-            log_jac = log_jac + _ladj(self.transforms[name], u_site, z)
-            out[name] = z.to(value.dtype)
-        assert isinstance(log_jac, torch.Tensor)
-        return out, log_jac
+        """The local sites' values at ``u`` ``(C, N, D)`` and ``(C, N)`` log |det J| there."""
+        return _unflatten(u, like, self.names, self.transforms)
 
     def fit(self, passes, outer, local, local_keys, iterations: int) -> None:
         """Newton's method from the chains' ``local`` values at their ``outer`` values, then
@@ -877,7 +842,7 @@ class _Laplace:
         u = self.flat(local)
         d = u.shape[-1]
         spread = self.spread.to(u).expand_as(u)
-        if self.chol is not None and self.chol.shape[0] == u.shape[0]:
+        if self.chol is not None:
             sd = self.chol.pow(2).sum(-1).sqrt()  # the last approximation's
         else:
             sd = 0.5 * spread
@@ -996,6 +961,47 @@ def split_rhat(draws: torch.Tensor, num_chains: int) -> torch.Tensor:
     # a half in which no draw differs from another gives W = 0: a sampler stuck there
     rhat = torch.where(within > 0, rhat, math.inf)
     return rhat.reshape(draws.shape[1:])
+
+
+def _flatten(local: dict[str, torch.Tensor], names, transforms) -> torch.Tensor:
+    """``(C, N, D)``: the local sites' values ``(C, 1, N, *event)`` in unconstrained space,
+    all sites of an individual side by side."""
+    parts = []
+    for name in names:
+        u = transforms[name].inv(local[name].double())
+        parts.append(u.reshape(u.shape[0], u.shape[2], -1))
+    return torch.cat(parts, -1)
+
+
+def _unflatten(u: torch.Tensor, like: dict[str, torch.Tensor], names, transforms):
+    """The inverse of :func:`_flatten`: the sites' values at ``u`` ``(C, N, D)`` (shapes and
+    dtypes of ``like``) and ``(C, N)`` log |det J| of the transforms there."""
+    values: dict[str, torch.Tensor] = {}
+    log_jac: torch.Tensor | float = 0.0
+    at = 0
+    for name in names:
+        like_site = like[name]
+        d = max(1, math.prod(like_site.shape[3:]))
+        u_site = u[..., at : at + d].reshape(u.shape[0], 1, *like_site.shape[2:])
+        at += d
+        value = transforms[name](u_site).to(like_site.dtype)
+        values[name] = value
+        log_jac = log_jac + _ladj(transforms[name], u_site, value)
+    assert isinstance(log_jac, torch.Tensor)
+    return values, log_jac
+
+
+def _log_jac(local: dict[str, torch.Tensor], names, transforms) -> torch.Tensor:
+    """``(C, N)``: log |det J| of the transforms at the local sites' values."""
+    total = sum(_ladj(transforms[n], transforms[n].inv(local[n].double()), local[n]) for n in names)
+    assert isinstance(total, torch.Tensor)
+    return total
+
+
+def _flat_spread(spread: dict[str, torch.Tensor], names) -> torch.Tensor:
+    """``(N, D)``: the guide's spread of each local site ``(1, 1, N, *event)``, flattened
+    like :func:`_flatten`."""
+    return torch.cat([spread[n].reshape(spread[n].shape[2], -1) for n in names], -1)
 
 
 def _block_name(block: tuple[str, torch.Tensor | None]) -> str:
