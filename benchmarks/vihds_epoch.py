@@ -50,7 +50,7 @@ PHASES: list[tuple[str, Callable[[], object], str]] = [
     ("  of which the guide's forward", lambda: pyro_hds.AmortizedGuide, "forward"),
     ("log-weights and bound", lambda: pyro_hds.objectives.IWAE, "_weights"),
     ("backward", lambda: torch.Tensor, "backward"),
-    ("optimizer step", lambda: torch.optim.Adam, "step"),
+    ("optimizer step", lambda: sys.modules["pyro_hds.fit"]._Adam, "step"),
 ]
 
 

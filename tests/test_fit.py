@@ -117,6 +117,81 @@ def test_resume_with_averaging_reproduces_uninterrupted_fit(small_data, tmp_path
         torch.testing.assert_close(v, uninterrupted[k], rtol=0, atol=0)
 
 
+def test_adam_matches_torch_optim_bit_for_bit():
+    from pyro_hds.fit import _Adam, _lr_factor
+
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    theirs = [p.clone() for p in ours]
+    base = 0.05
+    adam = _Adam(ours)
+    reference = torch.optim.Adam(theirs, lr=base)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        reference, lambda s: _lr_factor("exponential", s, 10, 0.1, 2)
+    )
+    for step in range(10):
+        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        for i, (a, b, g) in enumerate(zip(ours, theirs, grads)):
+            # the second tensor gets no gradient before step 3: its own step count starts there
+            a.grad = None if i == 1 and step < 3 else g.clone()
+            b.grad = None if i == 1 and step < 3 else g.clone()
+        adam.step(base * _lr_factor("exponential", step, 10, 0.1, 2))
+        reference.step()
+        schedule.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), f"step {step}"
+    assert adam.steps == [10, 7]
+
+
+def test_resume_from_a_checkpoint_of_format_1(small_data, tmp_path):
+    """Checkpoints written while fit() used torch.optim.Adam (format 1) still resume exactly."""
+    data, _ = small_data
+    ckpt = tmp_path / "old.pt"
+    _fit(data, steps=16, seed=4)
+    uninterrupted = _params()
+    pyro.clear_param_store()
+
+    def kill(step, loss):
+        if step == 10:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _fit(data, steps=16, seed=4, checkpoint=ckpt, checkpoint_every=8, callback=kill)
+    state = torch.load(ckpt, weights_only=True)
+    adam = state.pop("adam")
+    # torch.optim.Adam's state dict: per-parameter entries keyed by index, float step tensors
+    per_param = {
+        i: {"step": torch.tensor(float(t)), "exp_avg": m, "exp_avg_sq": v}
+        for i, (t, m, v) in enumerate(zip(adam["steps"], adam["exp_avg"], adam["exp_avg_sq"]))
+        if m is not None
+    }
+    state["optimizer"] = {"state": per_param, "param_groups": [{"lr": 0.01}]}
+    state["scheduler"] = {"last_epoch": state["step"]}
+    state["format"] = 1
+    torch.save(state, ckpt)
+    pyro.clear_param_store()
+    _fit(data, steps=16, seed=4, checkpoint=ckpt, resume=True)
+    for k, v in _params().items():
+        torch.testing.assert_close(v, uninterrupted[k], rtol=0, atol=0)
+
+
+def test_fit_leaves_torch_dynamo_unimported():
+    """torch.optim imports torch._dynamo (about a second) when an optimizer is built; fit()
+    with default options must not pay for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pyro_hds\n"
+        "from pyro_hds.models import pk_oral\n"
+        "data, _ = pk_oral.simulate(num_groups=2, per_group=3, seed=0)\n"
+        "pyro_hds.fit(pk_oral.model, data, num_steps=2, progress=False, seed=0)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_checkpoint_loads_without_pickle(small_data, tmp_path):
     data, _ = small_data
     ckpt = tmp_path / "c.pt"
