@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         nargs=2,
         metavar=("CHAINS", "WARMUP"),
         help="particle Gibbs (FitResult.gibbs) with this many chains and warm-up sweeps "
-        "(default: 8 50)",
+        "(default: 8 30)",
     )
     parser.add_argument(
         "--importance",
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.gibbs is not None and args.importance:
         parser.error("--gibbs and --importance exclude each other: choose one way to draw")
-    args.gibbs = (8, 50) if args.gibbs is None else tuple(args.gibbs)
+    args.gibbs = (8, 30) if args.gibbs is None else tuple(args.gibbs)
     if args.gibbs[0] < 1 or args.gibbs[1] < 0:
         parser.error("--gibbs needs CHAINS >= 1 and WARMUP >= 0")
 
@@ -140,9 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         # no importance step (num_particles=1; the guide's local draws rarely win here, its
         # ESS is a few of 64) and no random walk: the default Laplace step moves every
-        # individual's locals to a near-fresh draw of their conditional (accepted 0.77-0.85
-        # of the time in the benchmark's runs at N = 1000, 0.92 in tutorial 03), and two
-        # outer steps per sweep mix the population parameters (docs/benchmarks.md)
+        # individual's locals to a near-fresh draw of their conditional (accepted 0.75-0.85
+        # of the time in the benchmark's runs at N = 1000), two outer steps per sweep mix
+        # the population parameters, and the Newton steps of the first five warm-up sweeps
+        # bring them in: 30 warm-up sweeps (docs/benchmarks.md)
         posterior = result.gibbs(
             num_samples=args.samples,
             num_chains=args.gibbs[0],

@@ -412,9 +412,11 @@ class FitResult:
             parameter's posterior can be far narrower than the fit's error (the benchmark's
             noise SD, 1000 individuals after a 100-step fit: 188 posterior SDs off), and the
             chains bring it in only as fast as the locals move. With Laplace steps they move
-            to near-fresh draws every sweep, and there 30 warm-up sweeps sufficed (about 100
-            with the random walk alone; docs/benchmarks.md). Check R-hat, and if it is not
-            near 1, raise ``warmup`` or fit longer.
+            to near-fresh draws every sweep, and with ``warmup >= 10`` the first five sweeps
+            also climb each outer site's conditional by Newton steps and set the walk's step
+            sizes from its curvature: there (25-step fit) 20 warm-up sweeps sufficed, about
+            100 with the random walk alone (docs/benchmarks.md). Check R-hat, and if it is
+            not near 1, raise ``warmup`` or fit longer.
         :param num_particles: ``K``: the current locals of each individual plus ``K - 1``
             draws of the guide, among which the importance step keeps one (1: no importance
             step).
