@@ -47,21 +47,28 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_reproduces_uninterrupted_fit(small_data, tmp_path):
-    data, _ = small_data
-    ckpt = tmp_path / "ckpt.pt"
-    _fit(data, steps=24, seed=2)
+def _uninterrupted_then_killed(data, ckpt, kill_at: int, **kw) -> dict[str, torch.Tensor]:
+    """Fit with ``kw`` uninterrupted and return its parameters; then fit again with the
+    checkpoint ``ckpt``, killed at step ``kill_at`` (the store is cleared between)."""
+    _fit(data, **kw)
     uninterrupted = _params()
     pyro.clear_param_store()
 
     def kill(step, loss):
-        if step == 14:
+        if step == kill_at:
             raise _Killed
 
     with pytest.raises(_Killed):
-        _fit(data, steps=24, seed=2, checkpoint=ckpt, checkpoint_every=6, callback=kill)
-    assert torch.load(ckpt, weights_only=True)["step"] == 12
+        _fit(data, checkpoint=ckpt, callback=kill, **kw)
     pyro.clear_param_store()
+    return uninterrupted
+
+
+def test_resume_reproduces_uninterrupted_fit(small_data, tmp_path):
+    data, _ = small_data
+    ckpt = tmp_path / "ckpt.pt"
+    uninterrupted = _uninterrupted_then_killed(data, ckpt, 14, steps=24, seed=2, checkpoint_every=6)
+    assert torch.load(ckpt, weights_only=True)["step"] == 12
     result = _fit(data, steps=24, seed=2, checkpoint=ckpt, resume=True)
     resumed = _params()
     for k in uninterrupted:
@@ -91,27 +98,11 @@ def test_average_last_returns_the_mean_of_the_last_iterates(small_data):
 def test_resume_with_averaging_reproduces_uninterrupted_fit(small_data, tmp_path):
     data, _ = small_data
     ckpt = tmp_path / "avg.pt"
-    _fit(data, steps=24, seed=2, average_last=0.5)
-    uninterrupted = _params()
-    pyro.clear_param_store()
-
-    def kill(step, loss):
-        if step == 18:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        _fit(
-            data,
-            steps=24,
-            seed=2,
-            average_last=0.5,
-            checkpoint=ckpt,
-            checkpoint_every=4,
-            callback=kill,
-        )
+    uninterrupted = _uninterrupted_then_killed(
+        data, ckpt, 18, steps=24, seed=2, average_last=0.5, checkpoint_every=4
+    )
     state = torch.load(ckpt, weights_only=True)
     assert (state["step"], state["averaged_steps"]) == (16, 4)
-    pyro.clear_param_store()
     _fit(data, steps=24, seed=2, average_last=0.5, checkpoint=ckpt, resume=True)
     for k, v in _params().items():
         torch.testing.assert_close(v, uninterrupted[k], rtol=0, atol=0)
@@ -147,16 +138,7 @@ def test_resume_from_a_checkpoint_of_format_1(small_data, tmp_path):
     """Checkpoints written while fit() used torch.optim.Adam (format 1) still resume exactly."""
     data, _ = small_data
     ckpt = tmp_path / "old.pt"
-    _fit(data, steps=16, seed=4)
-    uninterrupted = _params()
-    pyro.clear_param_store()
-
-    def kill(step, loss):
-        if step == 10:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        _fit(data, steps=16, seed=4, checkpoint=ckpt, checkpoint_every=8, callback=kill)
+    uninterrupted = _uninterrupted_then_killed(data, ckpt, 10, steps=16, seed=4, checkpoint_every=8)
     state = torch.load(ckpt, weights_only=True)
     adam = state.pop("adam")
     # torch.optim.Adam's state dict: per-parameter entries keyed by index, float step tensors
