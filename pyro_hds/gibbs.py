@@ -98,7 +98,8 @@ Cost per sweep: one pass with :math:`C K N` ODE solves for the importance step a
 with :math:`C N` per group of outer moves, per local random-walk step and per Laplace step.
 Each Laplace approximation costs one pass with gradients and :math:`D + 1` more per Newton
 iteration (:math:`D` local numbers per individual; more where a step is halved): 3 iterations
-at the start, 1 at each of ``LAPLACE_EARLY_REFITS`` and halfway through warm-up. The
+at the start (2 when one more follows at ``LAPLACE_EARLY_REFITS``), 1 at each of
+``LAPLACE_EARLY_REFITS`` and halfway through warm-up. The
 Newton steps on the outer sites cost 3 to 9 passes per block, in the first sweeps only.
 The passes of step 1 run under :func:`pyro_hds.ode.reuse_solutions`: when the ODE parameters are the
 individuals' locals (a centred hierarchy), a move of an outer site leaves them as they were,
@@ -135,7 +136,7 @@ TARGET_ACCEPT = 0.35
 START_PARTICLES = 16
 ELEMENTWISE_GROUPS = 16  # group sites with at most this many groups move group by group
 MIN_WARMUP_TO_GROUP = 5  # warm-up sweeps that record footprints before moves are grouped
-LAPLACE_NEWTON = 3  # Newton iterations of the first Laplace approximations
+LAPLACE_NEWTON = 3  # Newton iterations of the first Laplace approximations (all in all)
 LAPLACE_REFRESH_NEWTON = 1  # and of those made again halfway through warm-up
 # the first sweeps of a warm-up of at least 2 OUTER_NEWTON sweeps begin with a Newton step
 # on each outer block's conditional (halved up to OUTER_HALVINGS times until it improves)
@@ -470,9 +471,14 @@ def particle_gibbs(
         held = torch.zeros(())  # see step 3: computed for the locals' tensors in held_at
         held_at: dict[str, torch.Tensor] = {}
         refresh = warmup // 2 if warmup >= 4 else None
+        # warm-up sweeps that begin with a Newton step on every outer block (see _outer_newton)
+        newton_until = OUTER_NEWTON if warmup >= 2 * OUTER_NEWTON else 0
+        early_refits = [s for s in LAPLACE_EARLY_REFITS if s < newton_until]
         if laplace_steps and local_names:
             laplace = _Laplace(local_names, transforms, spread)
-            laplace.fit(passes, outer, local, local_keys, LAPLACE_NEWTON)
+            # an approximation made again in the Newton sweeps continues Newton's method from
+            # these modes: the first ones stop that many iterations early
+            laplace.fit(passes, outer, local, local_keys, LAPLACE_NEWTON - len(early_refits))
             assert laplace.mode is not None and laplace.chol is not None
             assert laplace.ok is not None
             u = laplace.mode + (laplace.chol @ torch.randn_like(laplace.mode)[..., None])[..., 0]
@@ -493,12 +499,9 @@ def particle_gibbs(
         group_from = (
             max(MIN_WARMUP_TO_GROUP, warmup // 10) if warmup >= MIN_WARMUP_TO_GROUP else None
         )
-        # warm-up sweeps that begin with a Newton step on every outer block (see _outer_newton)
-        newton_until = OUTER_NEWTON if warmup >= 2 * OUTER_NEWTON else 0
         # the sweeps that make the Laplace approximations again: during the Newton sweeps,
         # which move the outer values far, and halfway through warm-up
-        refits = {s for s in LAPLACE_EARLY_REFITS if s < newton_until}
-        refits |= set() if refresh is None else {refresh}
+        refits = set(early_refits) | (set() if refresh is None else {refresh})
         # without an importance step the kept states are evaluated RECORD_SYSTEMS solves at
         # a time, several sweeps together, instead of by a pass of their own every sweep
         per_record = max(1, RECORD_SYSTEMS // max(1, num_chains * local_shape[1]))
