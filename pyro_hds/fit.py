@@ -147,21 +147,12 @@ class _Adam:
     def load_torch_state_dict(self, state: dict[str, Any]) -> None:
         """Read the state dict of a ``torch.optim.Adam`` over the same parameters (checkpoint
         format 1, written before :func:`fit` had its own Adam)."""
-        per_param = state["state"]
+        entries = [state["state"].get(i, {}) for i in range(len(self.params))]
         self.load_state_dict(
             {
-                "steps": [
-                    int(per_param[i]["step"]) if i in per_param else 0
-                    for i in range(len(self.params))
-                ],
-                "exp_avg": [
-                    per_param[i]["exp_avg"] if i in per_param else None
-                    for i in range(len(self.params))
-                ],
-                "exp_avg_sq": [
-                    per_param[i]["exp_avg_sq"] if i in per_param else None
-                    for i in range(len(self.params))
-                ],
+                "steps": [int(e.get("step", 0)) for e in entries],
+                "exp_avg": [e.get("exp_avg") for e in entries],
+                "exp_avg_sq": [e.get("exp_avg_sq") for e in entries],
             }
         )
 

@@ -292,6 +292,19 @@ def _local_total(terms: dict[str, torch.Tensor], local_keys: frozenset[str]) -> 
     return local
 
 
+def _log_density_change(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(C,)``: each chain's change of the model's log-density, summed over every term."""
+    total = sum((new[k] - old[k]).sum(-1) for k in old)
+    assert isinstance(total, torch.Tensor)
+    return total
+
+
+def _take_chains(accept: torch.Tensor, new: dict[str, torch.Tensor], terms) -> None:
+    """Replace, in place, every term of the chains where ``accept`` ``(C,)`` by ``new``."""
+    for k in terms:
+        terms[k] = torch.where(accept[:, None], new[k], terms[k])
+
+
 def _changed(new: torch.Tensor, old: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
     """``(E,)``: the elements of ``(C, E)`` terms that differ in some chain (NaN equal to NaN,
     -inf to -inf), by more than ``tolerance * (1 + |old|)`` where both are finite."""
@@ -607,10 +620,8 @@ def particle_gibbs(
                                     if bool(changed.any()):
                                         old = footprints[i].get(k)
                                         footprints[i][k] = changed if old is None else old | changed
-                            diff = sum((new_terms[k] - terms[k]).sum(-1) for k in terms)
-                            accept = _accept(ladj + diff)
-                            for k in terms:
-                                terms[k] = torch.where(accept[:, None], new_terms[k], terms[k])
+                            accept = _accept(ladj + _log_density_change(new_terms, terms))
+                            _take_chains(accept, new_terms, terms)
                         else:  # the elements of its footprint alone
                             fp = footprints[i]
                             diff = sum(
@@ -784,9 +795,9 @@ def _outer_newton(
         given = dict(outer)
         given[name] = proposal
         new_terms = _site_terms(passes.run(1, given, local, model_only=True))
-        f = sum((new_terms[k] - terms[k]).sum(-1) for k in terms)
-        f = f + (_ladj(transform, u_new, proposal.double()) - ladj).sum(-1)
-        assert isinstance(f, torch.Tensor)
+        f = _log_density_change(new_terms, terms) + (
+            _ladj(transform, u_new, proposal.double()) - ladj
+        ).sum(-1)
         return torch.nan_to_num(f, nan=-math.inf), proposal, new_terms
 
     ones = torch.ones(chains, dtype=u.dtype, device=u.device)
@@ -809,8 +820,7 @@ def _outer_newton(
         f, proposal, new_terms = at(torch.where(pending, delta, 0.0))
         better = pending & (f > 0)
         outer[name] = _where(better, proposal, outer[name])
-        for k in terms:
-            terms[k] = torch.where(better[:, None], new_terms[k], terms[k])
+        _take_chains(better, new_terms, terms)
         pending = pending & ~better
         delta = delta / 2
     return new_log_step

@@ -107,7 +107,7 @@ for name in ("sigma", "omega"):
 # can lie many posterior SDs away, and the chains bring it in only as fast as every patient's
 # ka, CL, V move. On the benchmark's 1000 patients after a 25-step fit it started hundreds
 # of SDs away; with the Laplace steps and the Newton steps that open a warm-up of 10 sweeps
-# or more, the chains' mean was within 3 SDs after 9 sweeps and within 1 after 12, where a
+# or more, the chains' mean was within 2 SDs after 12 sweeps and within 1 after 15, where a
 # random walk alone left it 70 SDs away after 30 (docs/benchmarks.md). ArviZ's
 # rank-normalized R-hat near 1 (say below 1.05) and a bulk ESS of a few hundred say the
 # chains agree; if not, raise `warmup`, or fit longer so that the chains start closer.
