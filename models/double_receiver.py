@@ -231,9 +231,17 @@ def rhs_constant_terms(
 
 
 def observables(states: torch.Tensor) -> torch.Tensor:
-    """(OD, RFP, YFP, CFP) ``(..., T, 4)`` from the states ``(..., T, 8)``."""
-    x, rfp, yfp, cfp, f510, f430 = states[..., :6].movedim(-1, 0).unbind(0)
-    return torch.stack([x, x * rfp, x * (yfp + f510), x * (cfp + f430)], 0).movedim(0, -1)
+    """(OD, RFP, YFP, CFP) ``(..., T, 4)`` from the states ``(..., T, 8)``.
+
+    Read in the order ``(state, time, ...)``, which is the order in memory of a trajectory
+    that ``pyro_hds.ode`` returns state-major (each state's values at one time contiguous
+    over the batch): every product then runs over contiguous memory, and the backward pass
+    of the ``unbind`` stacks the states' gradients in that same layout, which the compiled
+    solver's adjoint reads without moving values. All eight states are unbound (a slice
+    ``[..., :6]`` would backpropagate as a zero fill and a copy)."""
+    x, rfp, yfp, cfp, f510, f430, _, _ = states.movedim(-1, 0).movedim(-1, 1).unbind(0)
+    out = torch.stack([x, x * rfp, x * (yfp + f510), x * (cfp + f430)], 0)  # (4, T, ...)
+    return out.movedim(0, -1).movedim(0, -2)
 
 
 def _parts(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
