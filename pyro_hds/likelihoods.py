@@ -236,6 +236,30 @@ class MaskedObservation(TorchDistribution):
         return torch.where(overflow, lp.new_full((), -math.inf), lp)
 
 
+class _SquaredResidualSum(torch.autograd.Function):
+    r""":math:`\sum_t (\mu_{tc} - y_{tc})^2` over the time dim (-2, kept as size 1), with
+    its gradient :math:`2 (\mu - y)\, g` written out: one pass over the ``(..., N, T, C)``
+    tensors backward, where autograd's chain of the subtraction, square and sum takes three
+    or four (the residual saved from the forward pass; recomputed from the inputs when the
+    backward pass itself is differentiated, so second derivatives stay right)."""
+
+    @staticmethod
+    def forward(ctx, loc, value):  # type: ignore[override]
+        r = loc - value
+        ctx.save_for_backward(loc, value, r)
+        return r.square().sum(-2, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        loc, value, r = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable residual
+            r = loc - value
+        g = r * (2 * grad)
+        g_loc = g.sum_to_size(loc.shape) if ctx.needs_input_grad[0] else None
+        g_value = (-g).sum_to_size(value.shape) if ctx.needs_input_grad[1] else None
+        return g_loc, g_value
+
+
 def _normal_log_prob_sum(
     value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
@@ -248,12 +272,11 @@ def _normal_log_prob_sum(
     :math:`\sum_c \big(\sum_t r_{tc}^2\big) / s_c^2`, which saves a division and a
     multiplication over the full ``(..., N, T, C)`` tensor, forward and backward."""
     sc = _compact(scale)
-    r2 = (value - loc).square()
-    shape = torch.broadcast_shapes(r2.shape, scale.shape)
+    shape = torch.broadcast_shapes(value.shape, loc.shape, scale.shape)
     if sc.shape[-2] == 1:  # constant over time
-        quad = (r2.sum(-2, keepdim=True) / sc.square()).sum((-2, -1))
+        quad = (_SquaredResidualSum.apply(loc, value) / sc.square()).sum((-2, -1))
     else:
-        quad = (r2 / sc.square()).sum((-2, -1))
+        quad = ((value - loc).square() / sc.square()).sum((-2, -1))
     repeats = (shape[-2] if sc.shape[-2] == 1 else 1) * (shape[-1] if sc.shape[-1] == 1 else 1)
     norm = (torch.log(sc) + _HALF_LOG_2PI).sum((-2, -1)) * repeats
     return (-0.5 * quad - norm).expand(shape[:-2])

@@ -60,6 +60,31 @@ def test_gaussian_log_prob_and_gradients_match_torch_for_every_scale_shape(scale
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_gaussian_gradients_of_observations_and_second_derivatives_match_torch():
+    # the time-summed squares have a hand-written backward: the gradient of the observed
+    # values too, a location broadcast over individuals, and second derivatives (a
+    # Hessian-vector product) against torch's Normal, in float64
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, 4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    loc = torch.randn(5, 1, 4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    log_scale = (0.3 * torch.randn(3, generator=g, dtype=torch.float64)).requires_grad_()
+    weights = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    inputs = [loc, log_scale, y]
+    directions = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in inputs]
+
+    def first_and_second(lp):
+        grads = torch.autograd.grad((lp * weights).sum(), inputs, create_graph=True)
+        along = sum((gr * d).sum() for gr, d in zip(grads, directions, strict=True))
+        return grads, torch.autograd.grad(along, inputs)
+
+    lp = MaskedObservation(dist.Normal(loc, log_scale.exp())).log_prob(y)
+    want = torch.distributions.Normal(loc, log_scale.exp()).log_prob(y).sum((-2, -1))
+    torch.testing.assert_close(lp, want, rtol=1e-12, atol=1e-12)
+    got, expected = first_and_second(lp), first_and_second(want)
+    for a, b in zip([*got[0], *got[1]], [*expected[0], *expected[1]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_nonfinite_prediction_gives_nan_row_and_clean_gradients():
     data = small_data()
     sigma = torch.tensor(0.7, requires_grad=True)
