@@ -376,8 +376,11 @@ def _closes_over_grad(rhs, t, y0: torch.Tensor, packed: torch.Tensor, layout: La
     u1 = None if u is None else u[:1].detach()
     t1 = t if t.dim() == 0 else t[:1]
     args = (t1, y_leaf, _unpack(p_leaf, layout)) + (() if u1 is None else (u1,))
-    with torch.enable_grad():
-        out = rhs(*args)
+    try:
+        with torch.enable_grad():
+            out = rhs(*args)
+    except Exception:  # a rhs that needs the whole batch: the backpropagated path decides
+        return True
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
         return False
     ours = {id(y_leaf), id(p_leaf)}
@@ -501,7 +504,7 @@ class _FixedAdjoint(torch.autograd.Function):
             else:  # the failed elements' states are detached: their adjoint stops here
                 a = torch.zeros_like(a).index_copy(1, rows, a_out)
                 g_acc = g_acc.index_copy(1, rows, g_out)
-        ctx.record = ctx.packed = None  # the stored states are not needed again
+        # ctx keeps the record: a backward pass with retain_graph=True may come again
         return None, None, a.t(), g_acc
 
 
