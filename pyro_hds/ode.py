@@ -214,8 +214,9 @@ def solve(
     if getattr(solver, "compile", False):
         if adjoint:
             raise ValueError(
-                f"ode({name!r}): {type(solver).__name__}(compile=True) fuses the backpropagated "
-                "steps; it has no effect with adjoint=True. Use one or the other."
+                f"ode({name!r}): {type(solver).__name__}(compile=True) computes its own "
+                "gradient (fused kernels); it has no effect with adjoint=True. Use one or the "
+                "other."
             )
         if inputs is not None and not isinstance(inputs, PiecewiseConstant):
             raise ValueError(

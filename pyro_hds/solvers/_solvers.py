@@ -36,7 +36,13 @@ class _Fixed(Solver):
     ``compile=True`` runs the ``substeps`` steps of each interval (the rhs included) as one
     kernel made by ``torch.compile`` (see :class:`Dopri5`'s ``compile``): compiled on the
     first solve, then reused for any batch size with the same rhs. Inputs must be
-    :class:`~pyro_hds.PiecewiseConstant`."""
+    :class:`~pyro_hds.PiecewiseConstant`. Its gradient with respect to the params and ``y0``
+    is the discrete adjoint of the computed trajectory (the gradient that backpropagating
+    through the steps gives, to round-off): the forward pass keeps only the states at the
+    grid points, and the backward pass runs one compiled vector-Jacobian kernel per interval.
+    It is differentiable once (a ``create_graph`` backward raises). Gradients for the times,
+    doses or inputs, or for tensors the rhs closes over (a network's weights), backpropagate
+    through the kernels instead."""
 
     substeps: int = 1
     compile: bool = False
