@@ -25,6 +25,7 @@ land exactly on each element's next grid point; finished elements stop counting 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -269,14 +270,6 @@ def _gather_states(stacked: torch.Tensor, index: torch.Tensor, identity: bool = 
     return stacked.gather(1, index.unsqueeze(-1).expand(b, t_len, stacked.shape[-1]))
 
 
-def _gather_outputs(
-    hist: list[torch.Tensor], index: torch.Tensor, identity: bool = False
-) -> torch.Tensor:
-    """``(B, T, S)``: the states of ``hist`` (H of ``(B, S)``) at the grid positions ``index``
-    ``(B, T)`` (:func:`_stack_states`, then :func:`_gather_states`)."""
-    return _gather_states(_stack_states(hist), index, identity)
-
-
 Layout = tuple[tuple[str, int, tuple[int, ...]], ...]
 
 
@@ -319,10 +312,7 @@ def _unpack(packed: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         if not event:
             out[key] = rows[row]
         else:
-            n = 1
-            for d in event:
-                n *= d
-            out[key] = torch.stack(rows[row : row + n], 1).reshape(-1, *event)
+            out[key] = torch.stack(rows[row : row + math.prod(event)], 1).reshape(-1, *event)
     return out
 
 
@@ -596,7 +586,7 @@ def integrate_fixed(
     if fused is not None:
         params, layout = _pack(fused.params, y0)
         kernel = _compiled(_pure_interval)
-        params_grad = _needs_grad(sched.points, sched.t0, params={"": params})
+        params_grad = _needs_grad(sched.points, sched.t0, params)
 
     def loop(y0, params, params_grad, record=None):
         """The solve from ``y0`` with the packed ``params``: the states at the grid points,
@@ -639,7 +629,7 @@ def integrate_fixed(
             # t: a grid column (strided), the expanded t0 (stride 0) or a 0-d element of a
             # shared grid, all views: a copy gives one layout and no base size to specialize
             # on, so one kernel serves them all. y enters as a contiguous (S, B) tensor and
-            # leaves as its (B, S) transpose, which _gather_outputs stacks without moving
+            # leaves as its (B, S) transpose, which _stack_states stacks without moving
             # values
             t_in = t.clone(memory_format=torch.contiguous_format)
             args = (t_in, _state_major_copy(y_in), h_t, subset["params"], u, rows)
@@ -716,7 +706,7 @@ def integrate_fixed(
             y = dosed(y, p)
         return hist, dead, died_at
 
-    ys = None
+    states = None  # (B, H, S) at the grid points
     if fused is not None and _adjoint_applies(fused, y0, sched, params, layout, jumps):
         record = _AdjointRecord(method, substeps, fused.rhs, layout)
 
@@ -727,15 +717,15 @@ def integrate_fixed(
 
         states = _FixedAdjoint.apply(record, forward, y0, params)
         if record.failed:
-            ys = None  # the solve again, backpropagated through (below)
+            states = None  # the solve again, backpropagated through (below)
         else:
             assert record.dead is not None and record.died_at is not None
             dead, died_at = record.dead, record.died_at
-            ys = _gather_states(states, sched.obs_index.expand(b, -1), sched.obs_only)
-    if ys is None:
+    if states is None:
         hist, dead, died_at = loop(y0, params, params_grad)
-        ys = _gather_outputs(hist, sched.obs_index.expand(b, -1), identity=sched.obs_only)
+        states = _stack_states(hist)
     obs_index = sched.obs_index.expand(b, -1)
+    ys = _gather_states(states, obs_index, sched.obs_only)
     status = torch.where(dead, int(Status.NONFINITE), int(Status.SUCCESS)).long()
     steps = torch.full((b,), num_points * substeps, dtype=torch.long, device=y0.device)
     # a dead element's outputs hold its frozen (detached) last finite state
