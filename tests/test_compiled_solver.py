@@ -131,6 +131,23 @@ def test_compile_refuses_what_it_cannot_fuse():
         )
 
 
+def compare_with_element_2_failing(run_solve, k):
+    """``run_solve(compile, k)`` compiled against eager, element 2 failing: the same status,
+    values and gradient for ``k``."""
+    results = []
+    for compile in (False, True):
+        kk = k.clone().requires_grad_(True)
+        sol = run_solve(compile, kk)
+        (g,) = torch.autograd.grad(sol.ys.sum(), kk)
+        results.append((sol, g))
+    (eager, g_eager), (fused, g_fused) = results
+    assert eager.status[2] == Status.NONFINITE
+    assert torch.equal(fused.status, eager.status)
+    assert torch.equal(fused.reached, eager.reached)
+    torch.testing.assert_close(fused.ys, eager.ys, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_fused, g_eager, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["heun", "rk4"])
 def test_compiled_fixed_step_matches_the_eager_loop(method):
     # per-element grids, doses, piecewise-constant inputs and one element whose rhs turns NaN
@@ -156,18 +173,7 @@ def test_compiled_fixed_step_matches_the_eager_loop(method):
             inputs=inputs,
         )
 
-    results = []
-    for compile in (False, True):
-        kk = k.clone().requires_grad_(True)
-        sol = run_fixed(compile, kk)
-        (g,) = torch.autograd.grad(sol.ys.sum(), kk)
-        results.append((sol, g))
-    (eager, g_eager), (fused, g_fused) = results
-    assert eager.status[2] == Status.NONFINITE
-    assert torch.equal(fused.status, eager.status)
-    assert torch.equal(fused.reached, eager.reached)
-    torch.testing.assert_close(fused.ys, eager.ys, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g_fused, g_eager, rtol=1e-9, atol=1e-12)
+    compare_with_element_2_failing(run_fixed, k)
     # no new kernel for another batch size or under no_grad beyond one per grad mode
     with torch.no_grad():
         quiet = run_fixed(True, k[:7], n=7)
@@ -375,3 +381,91 @@ def test_compiled_fixed_step_rhs_closing_over_a_weight_is_backpropagated():
     torch.testing.assert_close(fused.ys, eager.ys, rtol=1e-10, atol=1e-12)
     for a, b in zip(g_fused, g_eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def decay_pair(t, y, p, u):
+    # two states, read and returned state-major; NaN after t = cut, as forced_decay
+    rate = p["k"] * torch.sqrt(p["cut"] - t).clamp(max=1.0)
+    a, b = y.movedim(-1, 0).unbind(0)
+    out = [-rate * a + u[..., 0], rate * (a - b)]
+    return torch.stack(out, 0).movedim(0, -1)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How often each compiled kernel is called, by the name of the function it compiles."""
+    from pyro_hds.solvers import _integrate
+
+    calls: dict[str, int] = {}
+    made = _integrate._compiled
+
+    def counting(fn, scan=False):
+        kernel = made(fn, scan)
+
+        def call(*args):
+            calls[fn.__name__] = calls.get(fn.__name__, 0) + 1
+            return kernel(*args)
+
+        return call
+
+    monkeypatch.setattr(_integrate, "_compiled", counting)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["heun", "rk4"])
+def test_compiled_fixed_step_without_doses_is_one_scan_forward_and_one_backward(
+    method, kernel_calls
+):
+    # a solve without doses is one kernel call forward (a scan over the intervals) and one
+    # backward (the adjoint's reverse loop), with the values and gradients of the eager loop
+    torch._dynamo.reset()
+    kind = {"heun": Heun, "rk4": RK4}[method]
+    dt = torch.float64
+    gen = torch.Generator().manual_seed(5)
+    ts = torch.linspace(0.2, 3.0, 8, dtype=dt)
+    y0 = torch.tensor([1.0, 0.0, 0.5], dtype=dt)
+    w0 = 1 + torch.rand(9, generator=gen, dtype=dt)
+    k0 = 0.1 + torch.rand(9, generator=gen, dtype=dt)
+    results = []
+    for compile in (False, True):
+        w, k = w0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
+        solver = kind(substeps=2, compile=compile)
+        sol = solve(rotate_decay_state_major, y0, ts, {"w": w, "k": k}, solver=solver)
+        weights = torch.arange(sol.ys.numel(), dtype=dt).reshape(sol.ys.shape).sin()
+        results.append((sol, torch.autograd.grad((sol.ys * weights).sum(), (w, k))))
+    (eager, g_eager), (fused, g_fused) = results
+    assert kernel_calls == {"_pure_intervals": 1, "_pure_intervals_vjp": 1}
+    assert "_FixedAdjointBackward" in _node_names(fused.ys)
+    torch.testing.assert_close(fused.ys, eager.ys, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_fused, g_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        quiet = solve(rotate_decay_state_major, y0, ts, {"w": w0, "k": k0}, solver=solver)
+    assert kernel_calls == {"_pure_intervals": 2, "_pure_intervals_vjp": 1}
+    torch.testing.assert_close(quiet.ys, fused.ys.detach(), rtol=0, atol=0)
+
+
+def test_compiled_scan_falls_back_to_the_interval_loop_with_the_same_kernels(kernel_calls):
+    # one element's rhs turns NaN: the scan's result is dropped and the interval loop isolates
+    # the failed element, calling the scan's kernels one interval at a time (no other kernel
+    # is compiled); per-element grids with a repeated time and piecewise-constant inputs
+    torch._dynamo.reset()
+    counters.clear()
+    k, cut, ts, _, inputs = problem(12)
+    k = torch.ones_like(k)
+    cut[2] = 1.0
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+
+    def run_pair(compile, kk, rows=slice(None)):
+        solver = Heun(substeps=3, compile=compile)
+        params = {"k": kk, "cut": cut[rows]}
+        return solve(decay_pair, y0, ts[rows], params, solver=solver, t0=0.0, inputs=inputs)
+
+    compare_with_element_2_failing(run_pair, k)
+    assert set(kernel_calls) == {"_pure_intervals", "_pure_intervals_vjp"}
+    assert kernel_calls["_pure_intervals"] > 2  # one scan, then one call per interval
+    # no failure (element 2 left out): one scan for another batch size, compiled before
+    with torch.no_grad():
+        quiet = run_pair(True, k[3:10], slice(3, 10))
+    assert bool((quiet.status == Status.SUCCESS).all())
+    assert counters["stats"]["unique_graphs"] == 2

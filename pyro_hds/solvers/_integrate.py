@@ -116,18 +116,38 @@ class FusedRhs:
 
 
 _COMPILED: dict[str, Callable[..., tuple]] = {}
+#: whether a fixed-step solve without doses runs as one scan (off: the interval loop; for
+#: timing the two side by side)
+_SCAN = True
 
 
-def _compiled(fn: Callable[..., tuple]) -> Callable[..., tuple]:
+def _compiled(fn: Callable[..., tuple], scan: bool = False) -> Callable[..., tuple]:
     """``torch.compile(fn, dynamic=True)``, made once per process and wrapped so that a
-    failure to build it says what to do."""
+    failure to build it says what to do.
+
+    For a ``scan`` kernel two settings hold while it runs (they decide how a graph is traced,
+    so they must hold at every call that may compile): dynamo captures scalar outputs inside
+    the graph (inductor otherwise stops on the loop counter of a :func:`_pure_intervals` scan with
+    ``DataDependentOutputException: aten._local_scalar_dense``), and sizes that happen to be
+    equal (the number of intervals and of states, say) get separate symbols, so that a kernel
+    traced where they coincide is not specialized on their equality."""
     call = _COMPILED.get(fn.__name__)
     if call is None:
         compiled = torch.compile(fn, dynamic=True)
+        from torch.fx.experimental import _config as fx_config
+
+        def settings():
+            if not scan:
+                return contextlib.nullcontext()
+            both = contextlib.ExitStack()
+            both.enter_context(torch._dynamo.config.patch(capture_scalar_outputs=True))
+            both.enter_context(fx_config.patch(use_duck_shape=False))
+            return both
 
         def call(*args):
             try:
-                return compiled(*args)
+                with settings():
+                    return compiled(*args)
             except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no C++ compiler
                 raise RuntimeError(
                     "compile=True: torch.compile could not build the fused step "
@@ -316,6 +336,17 @@ def _unpack(packed: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     return out
 
 
+def _interval_state(layout, method, substeps, rhs, t, y_sm, h, packed, u):
+    """The end state ``(S, B)`` of :func:`_pure_interval` (what it and the scans share)."""
+    f = _direct_rhs(rhs, _unpack(packed, layout), u)
+    step = FIXED_METHODS[method]
+    y = y_sm.t()
+    for _ in range(substeps):
+        y = step(f, t, y, h)
+        t = _shift(t, h, 1.0)
+    return y.t().contiguous()
+
+
 def _pure_interval(layout, method, substeps, rhs, t, y_sm, h, packed, u):
     """``substeps`` steps of ``method`` of size ``h`` (a tensor) from ``(t, y)`` with the rhs
     called directly on explicit tensors (what ``torch.compile`` fuses for the fixed-step
@@ -328,13 +359,8 @@ def _pure_interval(layout, method, substeps, rhs, t, y_sm, h, packed, u):
     ``(B, S)`` rows each state is read with stride ``S`` and the generated loops were scalar
     (forward and backward over 85 intervals of the double-receiver model at 3600 systems
     took a median of 75 ms that way, against 60 ms state-major)."""
-    f = _direct_rhs(rhs, _unpack(packed, layout), u)
-    step = FIXED_METHODS[method]
-    y = y_sm.t()
-    for _ in range(substeps):
-        y = step(f, t, y, h)
-        t = _shift(t, h, 1.0)
-    return y.t().contiguous(), y.detach().abs().amax()
+    y = _interval_state(layout, method, substeps, rhs, t, y_sm, h, packed, u)
+    return y, y.detach().abs().amax()
 
 
 def _pure_interval_vjp(layout, method, substeps, rhs, t, y_sm, h, packed, u, a_sm, g_acc):
@@ -348,11 +374,103 @@ def _pure_interval_vjp(layout, method, substeps, rhs, t, y_sm, h, packed, u, a_s
     function is elementwise over the batch and compiles to a few fused loops."""
 
     def interval(y_start, theta):
-        return _pure_interval(layout, method, substeps, rhs, t, y_start, h, theta, u)[0]
+        return _interval_state(layout, method, substeps, rhs, t, y_start, h, theta, u)
 
     _, pull = torch.func.vjp(interval, y_sm, packed)
     a_y, a_theta = pull(a_sm)
     return a_y, g_acc + a_theta
+
+
+def _scan():
+    from torch._higher_order_ops.scan import scan
+
+    return scan
+
+
+def _pure_intervals(layout, method, substeps, rhs, ts, y_sm, hs, packed, us):
+    r"""Every interval of a solve in one kernel: a ``scan`` (PyTorch's loop operator, which
+    the compiler keeps as a loop) over the ``L`` intervals of :func:`_interval_state`, from
+    the ``(S, B)`` start state ``y_sm``. Interval :math:`p` starts at ``ts[p]`` with steps
+    ``hs[p]`` (``(L,)`` on a shared grid, else ``(L, B)``) and inputs ``us[p]`` (``(L, B,
+    D)``, or ``None``). Returns the states at the ends of the intervals as one contiguous
+    ``(S, L, B)`` tensor (the trajectory's state-major layout, :func:`_stack_states`) and
+    their largest magnitude.
+
+    Against one kernel call per interval (:func:`_pure_interval`), this removes the calls'
+    own cost (guards, argument wrapping, allocation: about 45 us each without gradients at
+    any batch size, measured in ``docs/vihds.md``) and lets each interval write into the
+    output in place."""
+
+    def body(y, x):
+        u = x[2] if len(x) > 2 else None
+        y_new = _interval_state(layout, method, substeps, rhs, x[0], y, x[1], packed, u)
+        return y_new, y_new.clone()
+
+    xs = (ts, hs) if us is None else (ts, hs, us)
+    _, outs = _scan()(body, y_sm, xs)
+    return outs.transpose(0, 1).contiguous(), outs.abs().amax()
+
+
+def _pure_intervals_vjp(layout, method, substeps, rhs, ts, y_first, states, hs, packed, us, grads):
+    r"""The discrete adjoint (:class:`_FixedAdjoint`) of :func:`_pure_intervals` in one
+    kernel: a reverse ``scan`` that, for :math:`p = L-1, \dots, 0`, adds the output's
+    gradient ``grads[:, p]`` (``(S, L, B)``) to the adjoint and takes the vector-Jacobian
+    product of interval :math:`p`, computed again from its start (``y_first`` ``(S, B)`` for
+    the first, else ``states[:, p - 1]``, ``states`` as :func:`_pure_intervals` returned it).
+    Returns the gradients of ``y_first`` ``(S, B)`` and of the packed params ``(N, B)``.
+
+    The vector-Jacobian products are taken inside the loop's body (``torch.func.vjp``); the
+    operator's own autograd is never used."""
+    # the loop runs forward over the reversed intervals: each reversed copy is made in the
+    # one pass that lays it out contiguously (reverse=True flips the inputs with copies of
+    # its own)
+    by_time = states.transpose(0, 1)
+    starts = torch.cat([by_time.narrow(0, 0, by_time.shape[0] - 1).flip(0), y_first.unsqueeze(0)])
+
+    def body(carry, x):
+        a, g = carry
+        t, h, y_start, g_p = x[0], x[1], x[2], x[3]
+        u = x[4] if len(x) > 4 else None
+
+        def interval(y_s, theta):
+            return _interval_state(layout, method, substeps, rhs, t, y_s, h, theta, u)
+
+        _, pull = torch.func.vjp(interval, y_start, packed)
+        a_y, a_theta = pull(a + g_p)
+        return (a_y, g + a_theta), a_y.new_zeros(())
+
+    base = (ts.flip(0), hs.flip(0), starts, grads.transpose(0, 1).flip(0).contiguous())
+    xs = base if us is None else (*base, us.flip(0))
+    init = (torch.zeros_like(y_first), torch.zeros_like(packed))
+    (a0, g), _ = _scan()(body, init, xs)
+    return a0, g
+
+
+def _pair(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else torch.stack([x, x])
+
+
+def _interval_by_scan(layout, method, substeps, rhs, t, y_sm, h, packed, u):
+    """:func:`_pure_interval` computed by the kernel of :func:`_pure_intervals`, as the second
+    of two intervals whose first has length zero (the identity for finite values): a solve
+    that fell back from one scan to the interval loop then compiles no other kernel. The
+    same bits as the scan gives for the interval (each interval is the same code)."""
+    hs = torch.stack([torch.zeros_like(h), h])
+    scan = _compiled(_pure_intervals, scan=True)
+    states, top = scan(layout, method, substeps, rhs, _pair(t), y_sm, hs, packed, _pair(u))
+    return states.select(1, 1).contiguous(), top
+
+
+def _interval_vjp_by_scan(layout, method, substeps, rhs, t, y_sm, h, packed, u, a_sm, g_acc):
+    """:func:`_pure_interval_vjp` by the kernel of :func:`_pure_intervals_vjp` (see
+    :func:`_interval_by_scan`): the zero-length first interval starts and ends at ``y_sm``,
+    which is where the second starts."""
+    hs = torch.stack([torch.zeros_like(h), h])
+    grads = torch.stack([torch.zeros_like(a_sm), a_sm], 1)
+    vjp = _compiled(_pure_intervals_vjp, scan=True)
+    states = torch.stack([y_sm, y_sm], 1)
+    a_y, g = vjp(layout, method, substeps, rhs, _pair(t), y_sm, states, hs, packed, _pair(u), grads)
+    return a_y, g_acc + g
 
 
 def _closes_over_grad(rhs, t, y0: torch.Tensor, packed: torch.Tensor, layout: Layout, u) -> bool:
@@ -402,6 +520,11 @@ class _AdjointRecord:
         self.rhs = rhs
         self.layout = layout
         self.intervals: list[tuple | None] = []
+        # the arguments of the one-kernel solve (:func:`_pure_intervals`) and its output, when
+        # it computed the whole solve: (ts, hs, us, y_first, states)
+        self.scan: tuple | None = None
+        # the solve could have been one scan: its kernels serve the intervals too
+        self.whole = False
         self.failed = False
         self.dead: torch.Tensor | None = None
         self.died_at: torch.Tensor | None = None
@@ -454,6 +577,26 @@ class _FixedAdjoint(torch.autograd.Function):
                 "derivative. Use compile=False for higher derivatives."
             )
         record, packed = ctx.record, ctx.packed
+        if record.scan is not None:  # the whole solve was one scan: so is its adjoint
+            ts, hs, us, y_first, states = record.scan
+            grads = grad.permute(2, 1, 0)  # (S, H, B), contiguous when state-major
+            if not grads.is_contiguous():
+                grads = grads.contiguous()
+            with torch.no_grad():
+                a0, g = _compiled(_pure_intervals_vjp, scan=True)(
+                    record.layout,
+                    record.method,
+                    record.substeps,
+                    record.rhs,
+                    ts,
+                    y_first,
+                    states,
+                    hs,
+                    packed,
+                    us,
+                    grads,
+                )
+            return None, None, a0.t(), g
         kernel = _compiled(_pure_interval_vjp)
         # (S, H, B), a view: when the gradient is laid out state-major, as the trajectory is
         # (a model that reads its states as double_receiver.observables does), each
@@ -475,8 +618,9 @@ class _FixedAdjoint(torch.autograd.Function):
                 continue
             a_in = a if rows is None else a.index_select(1, rows)
             g_in = g_acc if rows is None else g_acc.index_select(1, rows)
+            call = _interval_vjp_by_scan if record.whole and a_in.shape[1] > 1 else kernel
             with torch.no_grad():
-                a_out, g_out = kernel(
+                a_out, g_out = call(
                     record.layout,
                     record.method,
                     record.substeps,
@@ -588,6 +732,42 @@ def integrate_fixed(
         kernel = _compiled(_pure_interval)
         params_grad = _needs_grad(sched.points, sched.t0, params)
 
+    # the whole solve as one kernel (:func:`_pure_intervals`): without doses, for more than
+    # one element and one state (a kernel traced on a size of 1 is specialized on it);
+    # intervals of length zero are steps of size zero (exactly the identity for finite
+    # values)
+    whole = _SCAN and fused is not None and not jumps and b > 1 and y0.shape[-1] > 1
+    whole = whole and num_points > 1
+
+    def scanned(y0, params):
+        """The states at the grid points ``(B, H, S)`` and the kernel's arguments and output
+        (for the adjoint), or ``None`` when some interval fails (then the loop below solves
+        it again, isolating the failed elements)."""
+        assert fused is not None
+        if shared:
+            pts = points
+            ts = torch.cat([sched.t0[:1], pts[:-1]])
+            hs = ((pts - ts).double() / substeps).to(pts.dtype)
+        else:
+            pts = points.t()
+            ts = torch.cat([sched.t0.unsqueeze(0), pts[:-1]])
+            # contiguous: the kernel is specialized on strides (the grid is read transposed)
+            hs = ((pts - ts) / substeps).contiguous()
+        if fused.inputs is None:
+            us = None
+        else:
+            us = torch.stack([fused.inputs(ts[p], None) for p in range(num_points)])
+            if torch.is_grad_enabled() and us.requires_grad:
+                return None
+        y_first = _state_major_copy(y0.detach())
+        with torch.no_grad():
+            states, top = _compiled(_pure_intervals, scan=True)(
+                layout, method, substeps, fused.rhs, ts, y_first, hs, params.detach(), us
+            )
+        if not bool(top <= limit):
+            return None
+        return states.permute(2, 1, 0), (ts, hs, us, y_first, states)
+
     def loop(y0, params, params_grad, record=None):
         """The solve from ``y0`` with the packed ``params``: the states at the grid points,
         the failed elements and the position each failed at. With ``record`` (the adjoint's
@@ -633,8 +813,12 @@ def integrate_fixed(
             # values
             t_in = t.clone(memory_format=torch.contiguous_format)
             args = (t_in, _state_major_copy(y_in), h_t, subset["params"], u, rows)
-            with _grad_mode(params_grad or _needs_grad(y_in, u)):
-                y_sm, top = kernel(layout, method, substeps, fused.rhs, *args[:4], u)
+            needs = params_grad or _needs_grad(y_in, u)
+            # a solve that fell back from the one-kernel scan uses the scan's kernel
+            by_scan = whole and not needs and y_in.shape[0] > 1
+            with _grad_mode(needs):
+                call = _interval_by_scan if by_scan else kernel
+                y_sm, top = call(layout, method, substeps, fused.rhs, *args[:4], u)
             out = y_sm.t()
             if rows is not None:
                 out = torch.index_copy((y if base is None else base).detach(), 0, rows, out)
@@ -709,8 +893,15 @@ def integrate_fixed(
     states = None  # (B, H, S) at the grid points
     if fused is not None and _adjoint_applies(fused, y0, sched, params, layout, jumps):
         record = _AdjointRecord(method, substeps, fused.rhs, layout)
+        record.whole = whole
 
         def forward(y0_d, params_d):
+            done = scanned(y0_d, params_d) if whole else None
+            if done is not None:
+                record.scan = done[1]
+                record.dead = torch.zeros(b, dtype=torch.bool, device=y0.device)
+                record.died_at = torch.full((b,), num_points, dtype=torch.long, device=y0.device)
+                return done[0]
             hist, dead, died_at = loop(y0_d, params_d, False, record)
             record.dead, record.died_at = dead, died_at
             return _stack_states(hist)
@@ -721,6 +912,12 @@ def integrate_fixed(
         else:
             assert record.dead is not None and record.died_at is not None
             dead, died_at = record.dead, record.died_at
+    if states is None and whole and not params_grad and not _needs_grad(y0):
+        done = scanned(y0, params)
+        if done is not None:
+            states = done[0]
+            dead = torch.zeros(b, dtype=torch.bool, device=y0.device)
+            died_at = torch.full((b,), num_points, dtype=torch.long, device=y0.device)
     if states is None:
         hist, dead, died_at = loop(y0, params, params_grad)
         states = _stack_states(hist)

@@ -40,6 +40,9 @@ class _Fixed(Solver):
     is the discrete adjoint of the computed trajectory (the gradient that backpropagating
     through the steps gives, to round-off): the forward pass keeps only the states at the
     grid points, and the backward pass runs one compiled vector-Jacobian kernel per interval.
+    Without doses, the whole solve is one kernel forward (a ``scan`` over the intervals) and
+    one backward (its reverse loop), which saves each interval's call overhead; a solve in
+    which some element fails goes back to one kernel call per interval to isolate it.
     It is differentiable once (a ``create_graph`` backward raises). Gradients for the times,
     doses or inputs, or for tensors the rhs closes over (a network's weights), backpropagate
     through the kernels instead."""
