@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -37,6 +37,90 @@ from pyro_hds.encoders import ConvEncoder, Encoder, MaskedEncoder, make_encoder
 from pyro_hds.plates import GROUPS, INDIVIDUALS, groups, individuals
 
 __all__ = ["AmortizedGuide", "init_to_prior_median"]
+
+
+class _ExpNormal(dist.TorchDistribution):
+    r"""The log-normal: :math:`\exp(u)` with :math:`u \sim N(\mu, \sigma^2)`, density
+
+    .. math:: \log q(x) = \log N(\log x;\, \mu, \sigma^2) - \log x,
+
+    what ``TransformedDistribution(Normal(loc, scale), ExpTransform())`` computes, written out.
+    The guide builds one per positive site and step; torch's transformed distribution
+    recomputes its transforms' domains and codomains in every construction, ``expand`` and
+    ``log_prob`` (several hundred Python calls per step of the double-receiver model), which
+    took about a tenth of a training step there (measured by alternating the two from step to
+    step in one fit). Same draws and, elementwise, the same bits as the transformed
+    distribution for the same generator state: ``exp(loc + eps * scale)`` and
+    ``log N(log x) - log x``."""
+
+    arg_constraints: ClassVar = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.positive
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args=None) -> None:
+        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(_ExpNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        super(_ExpNormal, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps = torch.distributions.utils._standard_normal(
+            shape, dtype=self.loc.dtype, device=self.loc.device
+        )
+        return torch.exp(self.loc + eps * self.scale)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        u = value.log()
+        normal = (
+            -((u - self.loc) ** 2) / (2 * self.scale**2)
+            - self.scale.log()
+            - math.log(math.sqrt(2 * math.pi))
+        )
+        return normal - u
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.loc + self.scale**2 / 2).exp()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        s2 = self.scale**2
+        return s2.expm1() * (2 * self.loc + s2).exp()
+
+
+def _is_exp(transform: Any) -> bool:
+    """Whether ``transform`` is ``exp`` elementwise: ``biject_to`` of a positive support, which
+    for ``constraints.positive`` (a ``greater_than(0)``) is ``exp`` followed by ``x * 1 + 0``
+    (exactly ``exp``)."""
+    T = torch.distributions.transforms
+    if isinstance(transform, T.IndependentTransform):
+        transform = transform.base_transform
+    if isinstance(transform, T.ComposeTransform) and len(transform.parts) == 2:
+        first, second = transform.parts
+        if not (
+            isinstance(second, T.AffineTransform)
+            and _equals(second.loc, 0.0)
+            and _equals(second.scale, 1.0)
+        ):
+            return False
+        transform = first
+    return type(transform) is T.ExpTransform
+
+
+def _equals(value: Any, number: float) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and float(value) == number
+    return float(value) == number
 
 
 def _unwrap(fn: Any) -> Any:
@@ -482,10 +566,13 @@ class AmortizedGuide(AutoGuide):
 
     def _distribution(self, name: str, loc: torch.Tensor, scale: torch.Tensor):
         ndim = len(self._shapes[name])
+        transform = biject_to(self._supports[name])
+        if _is_exp(transform):  # a positive site: the log-normal, without the transforms
+            positive = _ExpNormal(loc, scale)
+            return positive.to_event(ndim) if ndim else positive
         base = dist.Normal(loc, scale)
         if ndim:
             base = base.to_event(ndim)
-        transform = biject_to(self._supports[name])
         if transform is torch.distributions.transforms.identity_transform or (
             isinstance(transform, torch.distributions.transforms.IndependentTransform)
             and transform.base_transform is torch.distributions.transforms.identity_transform
