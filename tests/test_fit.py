@@ -424,3 +424,49 @@ def test_long_lived_objects_are_kept_from_the_collector_during_a_fit(small_data)
         assert all(0 < count <= mine for count in [*seen, gc.get_freeze_count()])
     finally:
         gc.unfreeze()
+
+
+def _positive_data(n=12, t=6):
+    gen = torch.Generator().manual_seed(1)
+    times = torch.linspace(0.1, 1.0, t)
+    y = torch.exp(0.3 * torch.randn(n, t, 1, generator=gen))
+    return pyro_hds.Dataset.from_arrays(y, times)
+
+
+def _positive_model(data):
+    mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 1.0))
+    with pyro_hds.individuals(data):
+        z = pyro.sample("z", pyro.distributions.Normal(mu, 0.5))
+        loc = z[..., None, None] * data.times[:, None]
+        pyro_hds.observe("y", pyro.distributions.LogNormal(loc, 0.3), data)
+
+
+def test_fit_checks_every_individual_once_then_trains_without_checks():
+    from pyro.infer.util import is_validation_enabled
+
+    data = _positive_data()
+    states: list[bool] = []
+
+    def record(step, loss):
+        states.append(is_validation_enabled())
+
+    kw = dict(objective=pyro_hds.IWAE(num_particles=3), batch_size=4, progress=False)
+    pyro_hds.fit(_positive_model, data, num_steps=3, callback=record, **kw)
+    assert states == [False] * 3 and is_validation_enabled()  # restored afterwards
+    states.clear()
+    pyro_hds.fit(_positive_model, data, num_steps=3, callback=record, check_every_step=True, **kw)
+    assert states == [True] * 3
+    # an observation outside its site's support in an individual that the first minibatch
+    # (individuals 0-3) lacks stops the fit before it trains, naming the site
+    bad = _positive_data()
+    bad.observations[10, 2, 0] = -1.0
+    with pytest.raises(ValueError, match="'y'"):
+        pyro_hds.fit(_positive_model, bad, num_steps=3, **kw)
+    # the check leaves the generators alone: the same fit as without it
+    pyro_hds.fit(_positive_model, data, num_steps=3, seed=3, **kw)
+    quiet = _params()
+    with pyro.validation_enabled(False):
+        pyro_hds.fit(_positive_model, data, num_steps=3, seed=3, **kw)
+    unchecked = _params()
+    for k in quiet:
+        torch.testing.assert_close(quiet[k], unchecked[k], rtol=0, atol=0)
