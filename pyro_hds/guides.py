@@ -32,6 +32,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from torch import nn
 from torch.distributions import biject_to, constraints
+from torch.distributions.utils import broadcast_all
 
 from pyro_hds.encoders import ConvEncoder, Encoder, MaskedEncoder, make_encoder
 from pyro_hds.plates import GROUPS, INDIVIDUALS, groups, individuals
@@ -57,8 +58,8 @@ class _ExpNormal(dist.TorchDistribution):
     support = constraints.positive
     has_rsample = True
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args=None) -> None:
-        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
+    def __init__(self, loc: Any, scale: Any, validate_args=None) -> None:
+        self.loc, self.scale = broadcast_all(loc, scale)
         super().__init__(self.loc.shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):

@@ -412,6 +412,11 @@ def test_positive_sites_draw_and_score_as_the_log_normal():
     assert torch.equal(g, g_ref)
     with pytest.raises(ValueError):
         _ExpNormal(loc, scale, validate_args=True).log_prob(-x.detach())
+    # numbers broadcast as in torch's Normal
+    torch.testing.assert_close(
+        _ExpNormal(0.5, 2.0).log_prob(torch.tensor(1.5)),
+        dist.LogNormal(0.5, 2.0).log_prob(torch.tensor(1.5)),
+    )
     detached = _detach_distribution(fast.to_event(1))  # IWAE(dreg=True) rebuilds it
     assert not detached.base_dist.loc.requires_grad
     # the guide uses it for positive sites, global and local
