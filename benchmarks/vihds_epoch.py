@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="Heun(compile=True): each observation interval as one torch.compile'd kernel",
+        help="Heun(compile=True): the solve as one torch.compile'd scan over the intervals",
     )
     parser.add_argument(
         "--breakdown", action="store_true", help="print the wall time per phase of a step"

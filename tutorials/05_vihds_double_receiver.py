@@ -42,9 +42,9 @@ train, test = train_test(data, *folds(data, k=4, seed=0)[0], dtype=torch.float32
 
 # %% Fit: minibatches of 36 wells (as the paper), K importance particles per well, Heun's
 # method with one step per observation interval; the held-out bound is logged as we go.
-# A long run compiles each interval of the solve into one kernel (Heun(compile=True): about
-# 30 s once, then epochs about 2.4x as fast on 2 cores, docs/vihds.md); the quick run does
-# not need it.
+# A long run compiles the solve into one kernel each way (Heun(compile=True): about 20 s
+# once, then epochs about 2.8x as fast on 2 cores, docs/vihds.md); the quick run does not
+# need it.
 steps = 20 if QUICK else 1400  # 1400 steps = 215 epochs of 234 wells
 result = pyro_hds.fit(
     functools.partial(dr.model, solver=pyro_hds.Heun(compile=not QUICK)),
