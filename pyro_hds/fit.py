@@ -183,9 +183,23 @@ def _load_param_state(params: dict[str, torch.Tensor]) -> None:
             target.copy_(value.to(target))
 
 
-def _lr_factor(schedule: str, step: int, num_steps: int, final: float, warmup: int) -> float:
+def _lr_factor(
+    schedule: str | Callable[[int, int], float],
+    step: int,
+    num_steps: int,
+    final: float,
+    warmup: int,
+) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
+    if callable(schedule):
+        factor = float(schedule(step, num_steps))
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(
+                f"fit(lr_schedule=...): the schedule returned {factor} at step {step}; it must "
+                "return a positive, finite factor of lr"
+            )
+        return factor
     if schedule == "constant":
         return 1.0
     frac = min(1.0, step / max(1, num_steps - 1))
@@ -194,7 +208,8 @@ def _lr_factor(schedule: str, step: int, num_steps: int, final: float, warmup: i
     if schedule == "cosine":
         return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * frac))
     raise ValueError(
-        f"fit(lr_schedule={schedule!r}): choose 'constant', 'exponential' or 'cosine'."
+        f"fit(lr_schedule={schedule!r}): choose 'constant', 'exponential' or 'cosine', or "
+        "pass a callable (step, num_steps) -> factor."
     )
 
 
@@ -207,7 +222,7 @@ def fit(
     num_steps: int = 1000,
     batch_size: int | None = None,
     lr: float = 1e-2,
-    lr_schedule: str = "exponential",
+    lr_schedule: str | Callable[[int, int], float] = "exponential",
     final_lr_fraction: float = 0.1,
     warmup_steps: int = 0,
     clip_norm: float | None = 10.0,
@@ -241,7 +256,9 @@ def fit(
         individual once, in a random order; the individuals plate scales the minibatch by N/B.
     :param lr: Adam's learning rate; ``lr_schedule`` (``exponential``, ``cosine`` or
         ``constant``) decays it to ``final_lr_fraction * lr`` at the last step, after
-        ``warmup_steps`` of linear warm-up.
+        ``warmup_steps`` of linear warm-up. A callable ``lr_schedule(step, num_steps)``
+        returns the factor of ``lr`` for each step instead, e.g. a multi-step decay
+        ``lambda s, n: 0.2 ** (s >= 1750)`` (0-based steps).
     :param clip_norm: clip the global gradient norm (None: no clipping).
     :param average_last: the share of the steps over which the parameters are averaged
         (Polyak-Ruppert tail averaging; 0: off). With :math:`T` steps and
@@ -312,7 +329,7 @@ def fit(
         raise ValueError(f"fit(average_last={average_last}): must be in [0, 1]")
     if not 0 < final_lr_fraction <= 1:
         raise ValueError(f"fit(final_lr_fraction={final_lr_fraction}): must be in (0, 1]")
-    _lr_factor(lr_schedule, 0, max(num_steps, 1), final_lr_fraction, 0)  # validates the name
+    _lr_factor(lr_schedule, 0, max(num_steps, 1), final_lr_fraction, 0)  # validates it
 
     if seed is not None:
         pyro.set_rng_seed(seed)

@@ -470,3 +470,23 @@ def test_fit_checks_every_individual_once_then_trains_without_checks():
     unchecked = _params()
     for k in quiet:
         torch.testing.assert_close(quiet[k], unchecked[k], rtol=0, atol=0)
+
+
+def test_a_callable_learning_rate_schedule(small_data):
+    from pyro_hds.fit import _lr_factor
+
+    data, _ = small_data
+    calls: list[tuple[int, int]] = []
+
+    def halve_at_3(step, num_steps):
+        calls.append((step, num_steps))
+        return 0.5 ** (step >= 3)
+
+    _fit(data, steps=5, lr_schedule=halve_at_3)
+    assert calls[0] == (0, 5)  # the check before training
+    assert calls[1:] == [(s, 5) for s in range(5)]
+    assert _lr_factor(halve_at_3, 2, 5, 0.1, 0) == 1.0
+    assert _lr_factor(halve_at_3, 3, 5, 0.1, 0) == 0.5
+    assert _lr_factor(halve_at_3, 0, 5, 0.1, 2) == 0.5  # warm-up first
+    with pytest.raises(ValueError, match="positive, finite"):
+        _fit(data, steps=2, lr_schedule=lambda s, n: 0.0)
