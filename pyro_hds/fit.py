@@ -556,24 +556,25 @@ def _check_whole(model, guide, data) -> None:
     replayed on it and every site's log-density (observations outside their site's support
     raise here, naming the site). Without gradients; torch's generator is restored, so the
     fit's draws do not depend on whether it ran."""
-    import pyro.poutine as poutine
-
     state = torch.get_rng_state()
     try:
         with torch.no_grad():
-            guide_trace = poutine.trace(guide).get_trace(data)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(data)
-            model_trace.compute_log_prob()
+            _replayed_traces(model, guide, data)[1].compute_log_prob()
     finally:
         torch.set_rng_state(state)
 
 
-def _explain_nonfinite_elbo(model, guide, data) -> str:
-    """Name the sites of one trace whose log-density is not finite (for non-IWAE objectives)."""
+def _replayed_traces(model, guide, data):
+    """One guide trace on ``data`` and the model's trace replayed on it."""
     import pyro.poutine as poutine
 
     guide_trace = poutine.trace(guide).get_trace(data)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(data)
+    return guide_trace, poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(data)
+
+
+def _explain_nonfinite_elbo(model, guide, data) -> str:
+    """Name the sites of one trace whose log-density is not finite (for non-IWAE objectives)."""
+    guide_trace, model_trace = _replayed_traces(model, guide, data)
     bad = []
     for kind, trace in (("guide", guide_trace), ("model", model_trace)):
         for name, site in trace.nodes.items():

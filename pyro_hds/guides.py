@@ -298,6 +298,9 @@ class AmortizedGuide(AutoGuide):
         self.levels: dict[str, str] = {}
         self._shapes: dict[str, torch.Size] = {}
         self._supports: dict[str, Any] = {}
+        # per site, made once at set-up: the bijection to its support and whether it is exp
+        self._transforms: dict[str, Any] = {}
+        self._positive: set[str] = set()
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -368,6 +371,9 @@ class AmortizedGuide(AutoGuide):
                 )
             self.levels[name] = level
             self._supports[name] = support
+            self._transforms[name] = transform
+            if _is_exp(transform):
+                self._positive.add(name)
             self._shapes[name] = u.shape[batch_ndim:]
             if level in ("global", "group"):  # group params carry a leading (G,) dim
                 pyro.param(f"{prefix}.{name}.loc", u.clone())
@@ -567,8 +573,8 @@ class AmortizedGuide(AutoGuide):
 
     def _distribution(self, name: str, loc: torch.Tensor, scale: torch.Tensor):
         ndim = len(self._shapes[name])
-        transform = biject_to(self._supports[name])
-        if _is_exp(transform):  # a positive site: the log-normal, without the transforms
+        transform = self._transforms[name]
+        if name in self._positive:  # the log-normal, without the transforms
             positive = _ExpNormal(loc, scale)
             return positive.to_event(ndim) if ndim else positive
         base = dist.Normal(loc, scale)
@@ -619,7 +625,7 @@ class AmortizedGuide(AutoGuide):
                     )
                     result[name] = value
                     if coefs:
-                        u = biject_to(self._supports[name]).inv(value) - loc
+                        u = self._transforms[name].inv(value) - loc
                         deviations.append(u.reshape((*u.shape[: u.dim() - len(shape)], -1)))
         return result
 
@@ -638,7 +644,7 @@ class AmortizedGuide(AutoGuide):
                 loc, _ = self._group_params(name, data)
             else:
                 loc, _ = local[name]
-            out[name] = biject_to(self._supports[name])(loc)
+            out[name] = self._transforms[name](loc)
         return out
 
     # -- save / load --------------------------------------------------------------------------

@@ -450,12 +450,17 @@ def _pair(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else torch.stack([x, x])
 
 
+def _after_zero_length(h: torch.Tensor) -> torch.Tensor:
+    """The steps of a zero-length interval followed by one of step ``h``."""
+    return torch.stack([torch.zeros_like(h), h])
+
+
 def _interval_by_scan(layout, method, substeps, rhs, t, y_sm, h, packed, u):
     """:func:`_pure_interval` computed by the kernel of :func:`_pure_intervals`, as the second
     of two intervals whose first has length zero (the identity for finite values): a solve
     that fell back from one scan to the interval loop then compiles no other kernel. The
     same bits as the scan gives for the interval (each interval is the same code)."""
-    hs = torch.stack([torch.zeros_like(h), h])
+    hs = _after_zero_length(h)
     scan = _compiled(_pure_intervals, scan=True)
     states, top = scan(layout, method, substeps, rhs, _pair(t), y_sm, hs, packed, _pair(u))
     return states.select(1, 1).contiguous(), top
@@ -465,7 +470,7 @@ def _interval_vjp_by_scan(layout, method, substeps, rhs, t, y_sm, h, packed, u, 
     """:func:`_pure_interval_vjp` by the kernel of :func:`_pure_intervals_vjp` (see
     :func:`_interval_by_scan`): the zero-length first interval starts and ends at ``y_sm``,
     which is where the second starts."""
-    hs = torch.stack([torch.zeros_like(h), h])
+    hs = _after_zero_length(h)
     grads = torch.stack([torch.zeros_like(a_sm), a_sm], 1)
     vjp = _compiled(_pure_intervals_vjp, scan=True)
     states = torch.stack([y_sm, y_sm], 1)
@@ -579,9 +584,7 @@ class _FixedAdjoint(torch.autograd.Function):
         record, packed = ctx.record, ctx.packed
         if record.scan is not None:  # the whole solve was one scan: so is its adjoint
             ts, hs, us, y_first, states = record.scan
-            grads = grad.permute(2, 1, 0)  # (S, H, B), contiguous when state-major
-            if not grads.is_contiguous():
-                grads = grads.contiguous()
+            grads = grad.permute(2, 1, 0).contiguous()  # (S, H, B); no copy when state-major
             with torch.no_grad():
                 a0, g = _compiled(_pure_intervals_vjp, scan=True)(
                     record.layout,
@@ -768,6 +771,11 @@ def integrate_fixed(
             return None
         return states.permute(2, 1, 0), (ts, hs, us, y_first, states)
 
+    def none_failed():
+        """``dead`` and ``died_at`` of a solve in which no element failed."""
+        dead = torch.zeros(b, dtype=torch.bool, device=y0.device)
+        return dead, torch.full((b,), num_points, dtype=torch.long, device=y0.device)
+
     def loop(y0, params, params_grad, record=None):
         """The solve from ``y0`` with the packed ``params``: the states at the grid points,
         the failed elements and the position each failed at. With ``record`` (the adjoint's
@@ -899,8 +907,7 @@ def integrate_fixed(
             done = scanned(y0_d, params_d) if whole else None
             if done is not None:
                 record.scan = done[1]
-                record.dead = torch.zeros(b, dtype=torch.bool, device=y0.device)
-                record.died_at = torch.full((b,), num_points, dtype=torch.long, device=y0.device)
+                record.dead, record.died_at = none_failed()
                 return done[0]
             hist, dead, died_at = loop(y0_d, params_d, False, record)
             record.dead, record.died_at = dead, died_at
@@ -916,8 +923,7 @@ def integrate_fixed(
         done = scanned(y0, params)
         if done is not None:
             states = done[0]
-            dead = torch.zeros(b, dtype=torch.bool, device=y0.device)
-            died_at = torch.full((b,), num_points, dtype=torch.long, device=y0.device)
+            dead, died_at = none_failed()
     if states is None:
         hist, dead, died_at = loop(y0, params, params_grad)
         states = _stack_states(hist)
