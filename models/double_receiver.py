@@ -68,6 +68,7 @@ __all__ = [
     "make_hybrid_model",
     "model",
     "model_growth",
+    "model_well_noise",
     "observables",
     "rhs",
     "rhs_constant_terms",
@@ -104,6 +105,10 @@ POPULATION_PRIORS: dict[str, tuple[float, float]] = {
     "autoY": (-5.0, 2.0),
     "autoC": (-5.0, 2.0),
 }
+#: the population sites of the four channels' noise precisions
+PRECISION_SITES = ("prec_x", "prec_rfp", "prec_yfp", "prec_cfp")
+#: ``model_well_noise``: prior of the spread (SD) of the wells' log precisions per channel
+PREC_SCALE_PRIOR = (-1.0, 1.0)
 #: DR_Growth's coupling of production to growth, es (population), log-normal (-2, 1)
 GROWTH_PRIOR = (-2.0, 1.0)
 #: per-part receptor expression rates (the device level), log-normal (1, 3) as in the paper
@@ -256,6 +261,21 @@ def _parts(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return lux[data.groups], las[data.groups]
 
 
+def model_well_noise(data: Dataset, solver: object = None) -> None:
+    r"""DR_Constant with a noise precision per well and channel, drawn from a population
+    distribution: :func:`model` with ``noise="well"``.
+
+    The four population precisions ``prec_x, prec_rfp, prec_yfp, prec_cfp`` are replaced by
+    the local site ``prec`` (N, 4), :math:`\log \tau_{ic} \sim \mathcal N(m_c, s_c)` with
+    population sites ``prec_loc`` (4,) :math:`m_c \sim \mathcal N(8, 2)` (the paper's prior
+    of a log precision) and ``prec_scale`` (4,) :math:`s_c \sim` LogNormal(-1, 1). Wells of
+    one plate differ in how closely the shared equations follow them (some have a bump in
+    OD before growth, some a fluorescence that drifts); with one precision per channel the
+    worst wells set the noise level of all wells and the well-fitting ones lose the
+    information of their data."""
+    model(data, solver, noise="well")
+
+
 def model_growth(data: Dataset, solver: object = None) -> None:
     r"""DR_Growth: :func:`model` with every production rate :math:`r_c` multiplied by
     :math:`(1 - e_s)\, r\, \sigma(4 (t - t_{lag})) + e_s` (production coupled to the growth
@@ -306,21 +326,45 @@ def make_hybrid_model(solver: object = None) -> HybridModel:
     return HybridModel(solver)
 
 
-def model(data: Dataset, solver: object = None, growth: bool = False, promoter: Any = None) -> None:
+def model(
+    data: Dataset,
+    solver: object = None,
+    growth: bool = False,
+    promoter: Any = None,
+    noise: str = "channel",
+) -> None:
     """DR_Constant as a Pyro model of a :class:`~pyro_hds.Dataset` minibatch of wells.
 
     Sites: the population parameters of :data:`POPULATION_PRIORS` (scalars), ``aR`` (3,) and
     ``aS`` (4,) per receptor part, the individual ``r, K, tlag, rc`` (N,), the trajectory
     ``states`` (N, T, 8) and the observations ``y`` (N, T, 4). ``solver`` defaults to Heun's
     method with one step per observation interval, as the paper. ``growth=True`` gives
-    DR_Growth (see :func:`model_growth`).
+    DR_Growth (see :func:`model_growth`). ``noise="well"`` gives every well its own noise
+    precision per channel (see :func:`model_well_noise`).
     """
+    if noise not in ("channel", "well"):
+        raise ValueError(f"double_receiver.model(noise={noise!r}): use 'channel' or 'well'")
     solver = Heun() if solver is None else solver
     obs = data.observations
     one = obs.new_ones(())
     priors = dict(POPULATION_PRIORS, **({"es": GROWTH_PRIOR} if growth else {}))
     if promoter is not None:  # the hybrid model learns the promoter response instead
         priors = {k: v for k, v in priors.items() if k not in PROMOTER_SITES}
+    if noise == "well":  # the precisions are drawn per well below
+        priors = {k: v for k, v in priors.items() if k not in PRECISION_SITES}
+        # population mean and spread of the wells' log precisions, one per channel
+        prec_loc = pyro.sample(
+            "prec_loc",
+            dist.Normal(POPULATION_PRIORS["prec_x"][0] * one, POPULATION_PRIORS["prec_x"][1])
+            .expand([len(PRECISION_SITES)])
+            .to_event(1),
+        )
+        prec_scale = pyro.sample(
+            "prec_scale",
+            dist.LogNormal(PREC_SCALE_PRIOR[0] * one, PREC_SCALE_PRIOR[1])
+            .expand([len(PRECISION_SITES)])
+            .to_event(1),
+        )
     glob = {
         name: pyro.sample(name, dist.LogNormal(mu * one, sd)) for name, (mu, sd) in priors.items()
     }
@@ -361,8 +405,10 @@ def model(data: Dataset, solver: object = None, growth: bool = False, promoter: 
             t0=0.0,
         )
         mean = observables(states)
-        precision = torch.stack(
-            [glob["prec_x"], glob["prec_rfp"], glob["prec_yfp"], glob["prec_cfp"]], -1
-        )
-        noise = precision.rsqrt().unsqueeze(-2)  # (..., 1, 1, 4): the time dim added
-        pyro_hds.observe("y", dist.Normal(mean, noise), data)
+        if noise == "well":
+            # (..., N, 4): each well's precision per channel
+            precision = pyro.sample("prec", dist.LogNormal(prec_loc, prec_scale).to_event(1))
+        else:
+            precision = torch.stack([glob[name] for name in PRECISION_SITES], -1)
+        sd = precision.rsqrt().unsqueeze(-2)  # (..., N or 1, 1, 4): the time dim added
+        pyro_hds.observe("y", dist.Normal(mean, sd), data)

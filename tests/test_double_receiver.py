@@ -98,10 +98,11 @@ def test_sites_shapes_and_receptor_rates_come_from_parts():
 
 
 @needs_data
-def test_short_training_improves_the_held_out_bound():
+@pytest.mark.parametrize("model", [dr.model, dr.model_well_noise], ids=["constant", "well_noise"])
+def test_short_training_improves_the_held_out_bound(model):
     assert DATA is not None
     train, test = train_test(DATA, *folds(DATA, k=4, seed=0)[0], dtype=torch.float32)
-    _, bounds = _validated_fit(dr.model, train, test, lr=0.01, particles=50)
+    _, bounds = _validated_fit(model, train, test, lr=0.01, particles=50)
     assert len(bounds) == 3 and all(math.isfinite(b) for b in bounds)
     assert bounds[-1] > bounds[0] + 100, bounds  # nats per well, from about -5000
     pyro.clear_param_store()
@@ -281,3 +282,46 @@ def test_hill_gradient_is_finite_without_inducer():
             n.detach()[2:].requires_grad_(),
         ),
     )
+
+
+def _conditioned_trace(model, values, data):
+    return pyro.poutine.trace(pyro.poutine.condition(model, values)).get_trace(data)
+
+
+@needs_data
+def test_well_noise_model_is_dr_constant_when_every_well_has_the_same_precisions():
+    # model_well_noise replaces the four population precisions by a local site prec (N, 4);
+    # with every well given the same precisions, its likelihood is DR_Constant's
+    assert DATA is not None
+    wells = torch.tensor([0, 60, 100, 150, 200, 300])
+    # standalone: six wells as the whole data set (a subset's plate scales its terms by 312/6)
+    data = ChannelScaler().fit_transform(DATA)[wells].standalone()
+    shared = {k: torch.tensor(v) for k, v in zip(dr.PRECISION_SITES, [800.0, 350.0, 1e4, 2e4])}
+    common = {"r": torch.full((6,), 1.1), "K": torch.full((6,), 0.7), "rc": torch.full((6,), 0.3)}
+    base = _conditioned_trace(dr.model, {**common, **shared}, data)
+    latents = set(dr.POPULATION_PRIORS) - set(dr.PRECISION_SITES) | {"aR", "aS", "tlag"}
+    values = {name: base.nodes[name]["value"] for name in latents}
+    prec = torch.stack([shared[k] for k in dr.PRECISION_SITES]).expand(6, 4).clone()
+    values.update(common, prec=prec)
+    well = _conditioned_trace(dr.model_well_noise, values, data)
+    assert well.nodes["prec"]["fn"].batch_shape == (6,)
+    assert well.nodes["prec"]["fn"].event_shape == (4,)
+    assert well.nodes["prec_loc"]["value"].shape == (4,)
+    assert not any(name in well.nodes for name in dr.PRECISION_SITES)
+    torch.testing.assert_close(
+        well.nodes["states"]["value"], base.nodes["states"]["value"], rtol=0, atol=0
+    )
+    base.compute_log_prob()
+    well.compute_log_prob()
+    torch.testing.assert_close(well.nodes["y"]["log_prob"], base.nodes["y"]["log_prob"])
+    # and a well's own precisions are its own: doubling well 2's RFP precision changes only
+    # its RFP terms, by the Gaussian's 0.5 log 2 - (tau / 2) e^2 per time
+    doubled = prec.clone()
+    doubled[2, 1] *= 2
+    other = _conditioned_trace(dr.model_well_noise, dict(values, prec=doubled), data)
+    other.compute_log_prob()
+    diff = other.nodes["y"]["log_prob"] - well.nodes["y"]["log_prob"]
+    assert torch.count_nonzero(diff) == 1 and diff[2] != 0
+    err = data.observations[2, :, 1] - dr.observables(well.nodes["states"]["value"])[2, :, 1]
+    want = 86 * 0.5 * math.log(2.0) - 0.5 * float(shared["prec_rfp"]) * float((err**2).sum())
+    assert abs(float(diff[2]) - want) < 1e-4 * abs(want)
