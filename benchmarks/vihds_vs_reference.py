@@ -10,7 +10,12 @@ with ``--eval-particles`` samples. pyro_hds keeps the learning rate constant
 (``--lr-schedule constant``) as the reference does before its first decay at epoch 250 (it
 multiplies its rate by 0.2 there). ``--dreg`` trains pyro_hds with the doubly reparameterized
 gradient (the reference's HEAD declares a ``--dreg`` option, default on, but never reads it:
-it trains with the plain IWAE gradient).
+it trains with the plain IWAE gradient). Two diagnostics: ``--objective reference`` trains
+pyro_hds with the reference's objective instead of the hierarchical one (the globals drawn
+afresh with every importance sample and their prior-to-posterior ratio counted in every well's
+bound, :class:`ReferenceObjective`), and ``--model well-noise`` fits
+``double_receiver.model_well_noise`` (a noise precision per well and channel) instead of
+DR_Constant.
 
 The reference is not part of this project: point ``--reference`` at a checkout of
 microsoft/vi-hds (its PyTorch HEAD) and ``--reference-python`` at an interpreter that can run it
@@ -166,6 +171,29 @@ def reference_estimator(result, test, num_samples: int, chunk: int = 250) -> flo
     return float(per_well.mean())
 
 
+class ReferenceObjective(pyro_hds.IWAE):
+    r"""The reference's training objective, reproduced to diagnose its held-out figure (not
+    for use): with :math:`S` joint draws :math:`(\phi_s, \theta_{is})` of the globals and
+    one local draw per well under each, the loss is
+
+    .. math::
+
+        -\frac{N}{B} \sum_{i \in \text{batch}} \log \frac1S \sum_s
+        \frac{p(\phi_s)\, p(\theta_{is} \mid \phi_s)\, p(y_i \mid \theta_{is}, \phi_s)}
+             {q(\phi_s)\, q(\theta_{is} \mid y_i)},
+
+    the globals' prior-to-posterior ratio inside every well's sum, as if each well had
+    globals of its own (the reference re-draws them per well; in expectation the same). It
+    is the defect named in the issue, which pyro_hds's own :class:`~pyro_hds.IWAE` does not
+    have. Use it with ``num_particles=1``."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        w = self.log_weights(model, guide, *args, **kwargs)
+        draws = w.global_terms.shape[0]
+        per_well = torch.logsumexp(w.global_terms[:, None] + w.local[:, 0, :], 0)
+        return -(per_well - math.log(draws)).sum() * w.scale
+
+
 def reference_schedule(step: int, num_steps: int, steps_per_epoch: int) -> float:
     """The factor of the learning rate that the reference's HEAD applies: a
     ``MultiStepLR(milestones=[250, 1000], gamma=0.2)`` stepped after every epoch."""
@@ -191,15 +219,19 @@ def run_pyro_hds(args, data, outer: int) -> tuple[float, float, float, float, fl
     start = time.perf_counter()
     # compiling is timed from empty caches, as on a fresh install (not from the kernels of an
     # earlier S in this process or of an earlier run on disk)
+    objective = (
+        ReferenceObjective(num_particles=1, num_outer_particles=args.particles)
+        if args.objective == "reference"
+        else pyro_hds.IWAE(
+            num_particles=args.particles // outer, num_outer_particles=outer, dreg=args.dreg
+        )
+    )
+    model = dr.model_well_noise if args.model == "well-noise" else dr.model
     with cold_compile() if args.compile else contextlib.nullcontext():
         result = pyro_hds.fit(
-            functools.partial(dr.model, solver=Heun(compile=args.compile)),
+            functools.partial(model, solver=Heun(compile=args.compile)),
             train,
-            objective=pyro_hds.IWAE(
-                num_particles=args.particles // outer,
-                num_outer_particles=outer,
-                dreg=args.dreg,
-            ),
+            objective=objective,
             num_steps=steps * args.epochs,
             batch_size=BATCH,
             lr=0.01,
@@ -265,7 +297,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="pyro_hds integrates with Heun(compile=True)"
     )
+    parser.add_argument(
+        "--model",
+        default="constant",
+        choices=["constant", "well-noise"],
+        help="pyro_hds's model: DR_Constant, or with a noise precision per well and channel "
+        "(double_receiver.model_well_noise)",
+    )
+    parser.add_argument(
+        "--objective",
+        default="hierarchical",
+        choices=["hierarchical", "reference"],
+        help="'reference': train pyro_hds with the reference's objective (globals re-drawn "
+        "with every sample and counted in every well's bound; ReferenceObjective), a "
+        "diagnostic of the reference's defect; one run with S = --particles, K = 1",
+    )
     args = parser.parse_args(argv)
+    if args.objective == "reference":
+        if args.dreg:
+            parser.error("--dreg does not apply to --objective reference")
+        args.outer_particles = [args.particles]
     if not 0 <= args.fold < 4 or args.epochs < 1 or args.particles < 1:
         parser.error("need 0 <= --fold < 4, --epochs >= 1, --particles >= 1")
     if any(s < 1 or args.particles % s for s in args.outer_particles):
@@ -276,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# DR_Constant, fold {args.fold} of 4 (seed {args.seed}), {args.epochs} epochs, "
         f"batch {BATCH}, K = {args.particles}, held-out bound with K = {args.eval_particles}, "
         f"{args.threads} threads each; pyro_hds lr 0.01 {args.lr_schedule}"
+        f"{', model ' + args.model if args.model != 'constant' else ''}"
+        f"{', the reference objective' if args.objective == 'reference' else ''}"
         f"{', DReG' if args.dreg else ''}"
         f"{', Heun(compile=True)' if args.compile else ''}"
     )
@@ -304,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for outer in args.outer_particles:
         epoch_s, bound, ref_style, shift, wall = run_pyro_hds(args, data, outer)
         label = f"pyro_hds, S = {outer}, K = {args.particles // outer}"
+        if args.objective == "reference":
+            label = f"pyro_hds, the reference's objective, S = {outer}"
+        if args.model != "constant":
+            label += f", model {args.model}"
         rows.append((label, epoch_s, bound, shift, wall))
         rows.append((f"{label}, reference's estimator", epoch_s, ref_style, shift, 0.0))
         summary.append((label, epoch_s, bound - shift, ref_style - shift))

@@ -202,10 +202,12 @@ print(f"epoch {epochs:4d} | train (iwae-elbo = -10.5, time = 2.00, total = {2.0 
 """
 
 
-@pytest.mark.skipif(
+needs_vihds = pytest.mark.skipif(
     not (ROOT.parent / "shared" / "data" / "vi-hds").exists(),
     reason="vi-hds data not found (../shared/data)",
 )
+
+
 def _fake_checkout(root, run_xval: str) -> None:
     """A stand-in for a microsoft/vi-hds checkout whose ``vihds/run_xval.py`` is ``run_xval``."""
     (root / "vihds").mkdir()
@@ -214,6 +216,7 @@ def _fake_checkout(root, run_xval: str) -> None:
     (root / "specs" / "dr_constant_icml.yaml").write_text("model: dr_constant\n")
 
 
+@needs_vihds
 def test_vihds_vs_reference_runs_a_checkout_and_compares(tmp_path):
     # the script runs the checkout as a subprocess with the fold's arguments and reads its
     # last evaluation line
@@ -241,10 +244,7 @@ def test_vihds_vs_reference_runs_a_checkout_and_compares(tmp_path):
         assert re.search(rf"{label}: speed reference / pyro_hds = [\d.]+", proc.stdout)
 
 
-@pytest.mark.skipif(
-    not (ROOT.parent / "shared" / "data" / "vi-hds").exists(),
-    reason="vi-hds data not found (../shared/data)",
-)
+@needs_vihds
 def test_vihds_vs_reference_reports_a_reference_that_stops_on_nan(tmp_path):
     # the reference stops its training when a minibatch's bound is NaN, prints why and exits
     # with status 0 (fold 3 of seed 1 at 50 epochs): the script says so and still fits
@@ -262,6 +262,61 @@ def test_vihds_vs_reference_reports_a_reference_that_stops_on_nan(tmp_path):
     assert "reference (vi-hds HEAD)" not in proc.stdout
     row = [r for r in proc.stdout.splitlines() if r.startswith("| pyro_hds, S = 1, K = 4 |")]
     assert len(row) == 1 and math.isfinite(float(row[0].split("|")[3]))
+
+
+@needs_vihds
+def test_vihds_vs_reference_diagnostics_run(tmp_path):
+    # --objective reference (the reference's objective in pyro_hds) and --model well-noise
+    _fake_checkout(tmp_path, FAKE_REFERENCE)
+    script = ROOT / "benchmarks" / "vihds_vs_reference.py"
+    cmd = [sys.executable, str(script), "--reference", str(tmp_path), "--epochs", "1"]
+    cmd += ["--particles", "6", "--eval-particles", "10", "--threads", "1"]
+    cmd += ["--objective", "reference", "--model", "well-noise"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    label = "pyro_hds, the reference's objective, S = 6, model well-noise"
+    rows = [r.split("|") for r in proc.stdout.splitlines() if r.startswith(f"| {label}")]
+    assert len(rows) == 2 and all(math.isfinite(float(r[3])) for r in rows)
+
+
+def test_reference_objective_counts_the_globals_in_every_well():
+    # the loss is -N/B sum_i log mean_s exp(g_s + l_is): with one draw (S = 1) it is the sum
+    # of every well's single-sample bound, the globals' term once per well
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from vihds_vs_reference import ReferenceObjective
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import pyro
+    import pyro.distributions as dist
+
+    import pyro_hds
+
+    y = torch.tensor([0.5, 1.5, -0.2], dtype=torch.float64)
+    data = pyro_hds.Dataset.from_arrays(y.reshape(3, 1, 1), torch.tensor([0.0]))
+
+    def model(d):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro_hds.individuals(d):
+            mean = mu[..., None, None] * torch.ones_like(d.observations)
+            pyro_hds.observe("y", dist.Normal(mean, 1.0), d)
+
+    def guide(d):
+        pyro.sample("mu", dist.Normal(0.3, 0.5))
+
+    pyro.set_rng_seed(0)
+    loss = ReferenceObjective(num_particles=1, num_outer_particles=1).differentiable_loss(
+        model, guide, data
+    )
+    pyro.set_rng_seed(0)  # the same draw of mu
+    w = pyro_hds.IWAE(num_particles=1, num_outer_particles=1).log_weights(model, guide, data)
+    mu = w.guide_trace.nodes["mu"]["value"].reshape(())
+    g = dist.Normal(0.0, 1.0).log_prob(mu) - dist.Normal(0.3, 0.5).log_prob(mu)
+    want = -(3 * g + dist.Normal(mu, 1.0).log_prob(y).sum())
+    assert abs(float(loss) - float(want)) < 1e-9
+    # the hierarchical IWAE counts the globals once
+    hier = g + dist.Normal(mu, 1.0).log_prob(y).sum()
+    assert abs(float(w.bound) - float(hier)) < 1e-9
 
 
 def test_cold_compile_empties_the_compile_caches(monkeypatch, tmp_path):
