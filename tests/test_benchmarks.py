@@ -216,17 +216,25 @@ def _fake_checkout(root, run_xval: str) -> None:
     (root / "specs" / "dr_constant_icml.yaml").write_text("model: dr_constant\n")
 
 
+def _run_vs_reference(checkout, *options: str) -> subprocess.CompletedProcess:
+    """benchmarks/vihds_vs_reference.py on a fake checkout, 1 epoch, 1 thread; must succeed."""
+    script = ROOT / "benchmarks" / "vihds_vs_reference.py"
+    cmd = [sys.executable, str(script), "--reference", str(checkout), "--epochs", "1"]
+    proc = subprocess.run(
+        [*cmd, "--threads", "1", *options], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
 @needs_vihds
 def test_vihds_vs_reference_runs_a_checkout_and_compares(tmp_path):
     # the script runs the checkout as a subprocess with the fold's arguments and reads its
     # last evaluation line
     _fake_checkout(tmp_path, FAKE_REFERENCE)
-    script = ROOT / "benchmarks" / "vihds_vs_reference.py"
-    cmd = [sys.executable, str(script), "--reference", str(tmp_path), "--epochs", "1"]
-    cmd += ["--particles", "6", "--outer-particles", "1", "3", "--eval-particles", "10"]
-    cmd += ["--threads", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    proc = _run_vs_reference(
+        tmp_path, "--particles", "6", "--outer-particles", "1", "3", "--eval-particles", "10"
+    )
     rows = {
         r.split("|")[1].strip(): r.split("|")[2:]
         for r in proc.stdout.splitlines()[1:]
@@ -252,12 +260,17 @@ def test_vihds_vs_reference_reports_a_reference_that_stops_on_nan(tmp_path):
         tmp_path,
         'print("Training: split 4 of 4")\nprint("Cannot proceed with ELBO = nan. Exiting.")\n',
     )
-    script = ROOT / "benchmarks" / "vihds_vs_reference.py"
-    cmd = [sys.executable, str(script), "--reference", str(tmp_path), "--epochs", "1"]
-    cmd += ["--particles", "4", "--outer-particles", "1", "--eval-particles", "8"]
-    cmd += ["--threads", "1", "--fold", "3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    proc = _run_vs_reference(
+        tmp_path,
+        "--particles",
+        "4",
+        "--outer-particles",
+        "1",
+        "--eval-particles",
+        "8",
+        "--fold",
+        "3",
+    )
     assert "no comparison on this fold: the reference stopped" in proc.stdout
     assert "reference (vi-hds HEAD)" not in proc.stdout
     row = [r for r in proc.stdout.splitlines() if r.startswith("| pyro_hds, S = 1, K = 4 |")]
@@ -268,12 +281,17 @@ def test_vihds_vs_reference_reports_a_reference_that_stops_on_nan(tmp_path):
 def test_vihds_vs_reference_diagnostics_run(tmp_path):
     # --objective reference (the reference's objective in pyro_hds) and --model well-noise
     _fake_checkout(tmp_path, FAKE_REFERENCE)
-    script = ROOT / "benchmarks" / "vihds_vs_reference.py"
-    cmd = [sys.executable, str(script), "--reference", str(tmp_path), "--epochs", "1"]
-    cmd += ["--particles", "6", "--eval-particles", "10", "--threads", "1"]
-    cmd += ["--objective", "reference", "--model", "well-noise"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    proc = _run_vs_reference(
+        tmp_path,
+        "--particles",
+        "6",
+        "--eval-particles",
+        "10",
+        "--objective",
+        "reference",
+        "--model",
+        "well-noise",
+    )
     label = "pyro_hds, the reference's objective, S = 6, model well-noise"
     rows = [r.split("|") for r in proc.stdout.splitlines() if r.startswith(f"| {label}")]
     assert len(rows) == 2 and all(math.isfinite(float(r[3])) for r in rows)
