@@ -75,6 +75,7 @@ import pyro_hds
 from pyro_hds.datasets import ChannelScaler, folds, load_vihds, train_test
 from pyro_hds.datasets.vihds import fetch_vihds
 from pyro_hds.models import double_receiver as dr
+from pyro_hds.plotting import plot_fits
 from pyro_hds.solvers import Heun
 
 BATCH = 36
@@ -194,6 +195,11 @@ class ReferenceObjective(pyro_hds.IWAE):
         return -(per_well - math.log(draws)).sum() * w.scale
 
 
+def device_wells(data, group: int) -> list[int]:
+    """Positions in ``data`` of the wells of device ``group``."""
+    return [int(i) for i in torch.nonzero(data.groups == group).flatten()]
+
+
 def reference_schedule(step: int, num_steps: int, steps_per_epoch: int) -> float:
     """The factor of the learning rate that the reference's HEAD applies: a
     ``MultiStepLR(milestones=[250, 1000], gamma=0.2)`` stepped after every epoch."""
@@ -253,6 +259,13 @@ def run_pyro_hds(args, data, outer: int) -> tuple[float, float, float, float, fl
         )
     bound = float(result.evaluate(test, num_particles=args.eval_particles).mean())
     wall = time.perf_counter() - start
+    if args.figure:
+        path = f"{args.figure}_S{outer}.png"
+        post = result.predict(test, num_samples=100, num_particles=10, seed=0)
+        # the first two test wells of every device
+        wells = [i for g in range(len(test.group_names)) for i in device_wells(test, g)[:2]]
+        plot_fits(post, test, "y", individuals=wells, path=path)
+        print(f"# wrote {path}: posterior predictive of two test wells per device")
     ref_style = reference_estimator(result, test, args.eval_particles)
     scales = ChannelScaler().fit(data[train_idx]).scales
     assert scales is not None
@@ -311,6 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="'reference': train pyro_hds with the reference's objective (globals re-drawn "
         "with every sample and counted in every well's bound; ReferenceObjective), a "
         "diagnostic of the reference's defect; one run with S = --particles, K = 1",
+    )
+    parser.add_argument(
+        "--figure",
+        metavar="PREFIX",
+        help="write each pyro_hds fit's posterior predictive bands (median, 90%%) of two test "
+        "wells per device to PREFIX_S<outer>.png",
     )
     args = parser.parse_args(argv)
     if args.objective == "reference":

@@ -291,7 +291,10 @@ def test_vihds_vs_reference_diagnostics_run(tmp_path):
         "reference",
         "--model",
         "well-noise",
+        "--figure",
+        str(tmp_path / "fits"),
     )
+    assert (tmp_path / "fits_S6.png").stat().st_size > 10_000
     label = "pyro_hds, the reference's objective, S = 6, model well-noise"
     rows = [r.split("|") for r in proc.stdout.splitlines() if r.startswith(f"| {label}")]
     assert len(rows) == 2 and all(math.isfinite(float(r[3])) for r in rows)
