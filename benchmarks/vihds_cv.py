@@ -5,12 +5,13 @@ held-out device of ``--zero-shot`` (``heldout_device_split``: every well of that
 test well, none is trained on), the script
 
 1. fits the channel scales on the training wells only (``ChannelScaler``);
-2. fits ``--model`` (DR_Constant by default; DR_Growth, DR_Blackbox,
-   DR_HierarchicalBlackbox or the hybrid) for ``--epochs`` epochs (batch 36, IWAE with
-   ``--particles`` draws per well per step, spent as ``--outer-particles`` S draws of the
-   globals with ``particles / S`` local draws each; Adam lr 0.01, 0.005 for the black
-   boxes, decaying tenfold; float32; seed 0), keeping the last parameters (no epoch is
-   selected, so the test wells never influence training);
+2. fits ``--model`` (DR_Constant by default; DR_Growth, DR_Constant with a noise precision
+   per well, DR_Blackbox, DR_HierarchicalBlackbox or the hybrid) for ``--epochs`` epochs
+   (batch 36, IWAE with ``--particles`` draws per well per step, spent as
+   ``--outer-particles`` S draws of the globals with ``particles / S`` local draws each; Adam
+   lr 0.01, 0.005 for the black boxes, decaying tenfold; float32; seed 0; ``--compile``:
+   Heun's method compiled), keeping the last parameters (no epoch is selected, so the test
+   wells never influence training);
 3. reports the held-out importance-weighted bound per test well with ``--eval-particles``
    particles (``FitResult.evaluate``; the paper's metric), its mean over the test wells, and
    the fit time.
@@ -22,6 +23,7 @@ K = 1000, zero-shot R33S32 and RS100S34); ``--quick`` for a smoke run.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Sequence
@@ -33,20 +35,24 @@ from _common import environment, format_seconds, set_threads
 import pyro_hds
 from pyro_hds.datasets import folds, heldout_device_split, load_vihds, train_test
 from pyro_hds.models import double_receiver as dr
+from pyro_hds.solvers import Heun
 
 BATCH = 36
 
 
-def make_model(name: str):
-    """A fresh model (its own networks, for the neural ones) and its learning rate."""
+def make_model(name: str, compile: bool = False):
+    """A fresh model (its own networks, for the neural ones) and its learning rate;
+    ``compile``: Heun's method with ``compile=True`` (else the models' default solver)."""
     from pyro_hds.models import double_receiver_blackbox as bb
 
+    solver = Heun(compile=True) if compile else None
     makers = {
-        "constant": lambda: (dr.model, 0.01),
-        "growth": lambda: (dr.model_growth, 0.01),
-        "blackbox": lambda: (bb.make_model(), 0.005),
-        "hierarchical": lambda: (bb.make_model(hierarchical=True), 0.005),
-        "hybrid": lambda: (dr.make_hybrid_model(), 0.01),
+        "constant": lambda: (functools.partial(dr.model, solver=solver), 0.01),
+        "growth": lambda: (functools.partial(dr.model_growth, solver=solver), 0.01),
+        "well-noise": lambda: (functools.partial(dr.model_well_noise, solver=solver), 0.01),
+        "blackbox": lambda: (bb.make_model(solver), 0.005),
+        "hierarchical": lambda: (bb.make_model(solver, hierarchical=True), 0.005),
+        "hybrid": lambda: (dr.make_hybrid_model(solver), 0.01),
     }
     return makers[name]()
 
@@ -56,7 +62,7 @@ def run_split(data, train_idx, test_idx, args) -> tuple[float, float, int]:
     train, test = train_test(data, train_idx, test_idx, dtype=torch.float32)
     steps_per_epoch = -(-len(train) // BATCH)
     pyro.clear_param_store()
-    model, lr = make_model(args.model)
+    model, lr = make_model(args.model, args.compile)
     start = time.perf_counter()
     result = pyro_hds.fit(
         model,
@@ -82,9 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         default="constant",
-        choices=["constant", "growth", "blackbox", "hierarchical", "hybrid"],
-        help="DR_Constant, DR_Growth, DR_Blackbox, DR_HierarchicalBlackbox or the hybrid",
+        choices=["constant", "growth", "well-noise", "blackbox", "hierarchical", "hybrid"],
+        help="DR_Constant, DR_Growth, DR_Constant with a noise precision per well, "
+        "DR_Blackbox, DR_HierarchicalBlackbox or the hybrid",
     )
+    parser.add_argument("--compile", action="store_true", help="integrate with Heun(compile=True)")
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument(
@@ -114,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# model {args.model}, {args.epochs} epochs, batch {BATCH}, IWAE S = "
         f"{args.outer_particles} x K = {args.particles // args.outer_particles}, "
         f"held-out bound with K = {args.eval_particles}, float32, seed 0"
+        f"{', Heun(compile=True)' if args.compile else ''}"
     )
     data = load_vihds(download=False)
     print("\n| split | test wells | held-out bound per well | fit time |")

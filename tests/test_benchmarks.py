@@ -163,8 +163,10 @@ def test_vihds_epoch_quick_run():
     not (ROOT.parent / "shared" / "data" / "vi-hds").exists(),
     reason="vi-hds data not found (../shared/data)",
 )
-def test_vihds_cv_quick_run():
-    proc = _run_quick("vihds_cv.py")
+@pytest.mark.parametrize("model", ["constant", "well-noise"])
+def test_vihds_cv_quick_run(model):
+    proc = _run_quick("vihds_cv.py", "--model", model)
+    assert f"# model {model}," in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == [
         "fold 0",
