@@ -82,7 +82,7 @@ print("wrote vihds_fits.png")
 # - DR_Constant with a noise precision per well and channel (a population distribution of
 #   them): wells follow the shared equations more or less closely, and with one precision per
 #   channel the worst wells set the noise level of all (docs/vihds.md: at 500 epochs this
-#   model's held-out bound is 120-240 nats per well above DR_Constant's on folds 0 and 1).
+#   model's held-out bound is 120-240 nats per well above DR_Constant's on folds 0-2).
 # The neural models are objects owning their networks: make a new one for every fit.
 variants = {
     "DR_Growth": (dr.model_growth, 0.01),
