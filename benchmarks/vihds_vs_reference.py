@@ -168,8 +168,16 @@ def reference_estimator(result, test, num_samples: int, chunk: int = 250) -> flo
             parts_global.append(w.global_terms.double())
             parts_local.append(w.local[:, 0, :].double())
     g, loc = torch.cat(parts_global), torch.cat(parts_local)  # (K,), (K, N)
-    per_well = torch.logsumexp(g[:, None] + loc, 0) - math.log(num_samples)
-    return float(per_well.mean())
+    return float(joint_bounds(g, loc).mean())
+
+
+def joint_bounds(global_terms: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    r"""``(N,)`` :math:`\log \frac1S \sum_s \exp(g_s + l_{si})` from the globals' terms
+    ``(S,)`` and one local draw per global draw ``(S, N)``: every well's bound with the
+    globals' prior-to-posterior ratio inside its own sum (the reference's estimator and
+    objective)."""
+    draws = global_terms.shape[0]
+    return torch.logsumexp(global_terms[:, None] + local, 0) - math.log(draws)
 
 
 class ReferenceObjective(pyro_hds.IWAE):
@@ -190,9 +198,7 @@ class ReferenceObjective(pyro_hds.IWAE):
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         w = self.log_weights(model, guide, *args, **kwargs)
-        draws = w.global_terms.shape[0]
-        per_well = torch.logsumexp(w.global_terms[:, None] + w.local[:, 0, :], 0)
-        return -(per_well - math.log(draws)).sum() * w.scale
+        return -joint_bounds(w.global_terms, w.local[:, 0, :]).sum() * w.scale
 
 
 def device_wells(data, group: int) -> list[int]:
