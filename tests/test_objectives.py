@@ -145,13 +145,16 @@ def make_rough_guide(theta: torch.Tensor | None = None, exact_outer=None):
     return guide
 
 
-def test_exact_guide_gives_exact_evidence_every_draw():
-    # with q equal to the exact posterior every weight equals p(Y): no Monte Carlo error at all
+@pytest.mark.parametrize("validate", [True, False])
+def test_exact_guide_gives_exact_evidence_every_draw(validate):
+    # with q equal to the exact posterior every weight equals p(Y): no Monte Carlo error at all;
+    # without validation the global normal sites (mu, g) take the grouped evaluation
     data = make_data()
     guide = make_exact_guide(data)
     logp = exact_log_evidence(data)
     for s, k in [(1, 1), (3, 5), (2, 64)]:
-        w = IWAE(num_particles=k, num_outer_particles=s).log_weights(model, guide, data)
+        with pyro.validation_enabled(validate):
+            w = IWAE(num_particles=k, num_outer_particles=s).log_weights(model, guide, data)
         assert w.local.shape == (s, k, N)
         assert w.global_terms.shape == (s,)
         per_draw = w.scale * w.inner.sum(-1) + w.global_terms
@@ -349,3 +352,75 @@ def test_trains_with_svi():
     last = sum(svi.step(data) for _ in range(20)) / 20
     assert last < first
     assert -last <= exact_log_evidence(data) + 1.0
+
+
+def _mixed_model(data):
+    """Global sites of every kind the grouped evaluation takes (normal, log-normal, an
+    expanded log-normal vector, a log-normal in the groups plate) and one it does not
+    (gamma), over the conjugate model's locals."""
+    mu = pyro.sample("mu", dist.Normal(0.0, TAU))
+    rate = pyro.sample("rate", dist.LogNormal(0.5, 0.7))
+    vec = pyro.sample("vec", dist.LogNormal(0.0, 1.0).expand([3]).to_event(1))
+    shape = pyro.sample("shape", dist.Gamma(2.0, 1.0))
+    with pyro.plate("groups", G, dim=-1):
+        g = pyro.sample("g", dist.Normal(mu, SG))
+        spread = pyro.sample("spread", dist.LogNormal(-1.0, 0.5))
+    with pyro.plate("individuals", data.total_size, subsample=data.indices, dim=-1):
+        gi = g[..., data.groups] + 0.01 * (rate + vec.sum(-1, keepdim=True).squeeze(-1) + shape)
+        z = pyro.sample("z", dist.Normal(gi, SZ + spread[..., data.groups]))
+        pyro.sample("y", dist.Normal(z.unsqueeze(-1), SY).to_event(1), obs=data.y)
+
+
+def _mixed_guide(data):
+    from pyro_hds.guides import _ExpNormal
+
+    p = pyro.param("p", torch.linspace(-0.5, 0.5, 12, dtype=torch.float64))
+    pyro.sample("mu", dist.Normal(p[0], p[1].exp()))
+    pyro.sample("rate", _ExpNormal(p[2], p[3].exp()))
+    pyro.sample("vec", dist.LogNormal(p[4:7], p[7].exp()).to_event(1))
+    pyro.sample("shape", dist.Gamma(p[8].exp() + 1.0, 1.0))
+    with pyro.plate("groups", G, dim=-1):
+        pyro.sample("g", dist.Normal(p[9] + torch.zeros(G, dtype=torch.float64), 0.5))
+        pyro.sample("spread", _ExpNormal(p[10] - 1.0, p[11].exp()))
+    with pyro.plate("individuals", data.total_size, subsample=data.indices, dim=-1):
+        pyro.sample("z", dist.Normal(data.y.mean(-1), 0.3))
+
+
+def test_grouped_global_densities_equal_site_by_site(monkeypatch):
+    """Without validation the normal and log-normal global sites of each trace are evaluated
+    in one pass (``_grouped_log_densities``); every term, the bound and its gradient equal
+    those of ``fn.log_prob`` site by site (float64: round-off only)."""
+    import pyro_hds.objectives as objectives
+
+    data = make_data()
+    data.y = data.y.double()
+    grouped_names: list[list[str]] = []
+    original = objectives._grouped_log_densities
+
+    def spy(members, s):
+        grouped_names.append([m[0] for m in members])
+        return original(members, s)
+
+    monkeypatch.setattr(objectives, "_grouped_log_densities", spy)
+    out = {}
+    for validate in (True, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        with pyro.validation_enabled(validate):
+            w = IWAE(num_particles=4, num_outer_particles=3).log_weights(
+                _mixed_model, _mixed_guide, data
+            )
+        (grad,) = torch.autograd.grad(w.bound, [pyro.param("p").unconstrained()])
+        out[validate] = (w, grad)
+    # the site-by-site pass (validation on) groups nothing; the other groups all but gamma
+    assert grouped_names == [["mu", "rate", "vec", "g", "spread"]] * 2
+    (w1, g1), (w0, g0) = out[True], out[False]
+    torch.testing.assert_close(w0.local, w1.local, rtol=0, atol=0)
+    torch.testing.assert_close(w0.global_terms, w1.global_terms, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(g0, g1, rtol=1e-12, atol=1e-12)
+    assert [(k, n) for k, n, _ in w0.contributions] == [(k, n) for k, n, _ in w1.contributions]
+    for (_, name, t0), (_, _, t1) in zip(w0.contributions, w1.contributions):
+        torch.testing.assert_close(t0, t1, rtol=1e-13, atol=1e-12, msg=name)
+    assert w0.outer_elements.keys() == w1.outer_elements.keys()
+    for name, e in w1.outer_elements.items():
+        torch.testing.assert_close(w0.outer_elements[name], e, rtol=1e-13, atol=1e-12)
