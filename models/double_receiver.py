@@ -34,7 +34,14 @@ rates :math:`a_R` and :math:`a_S` are properties of the device's parts, so they 
 component (three LuxR parts, four LasR parts: population-level sites ``aR`` (3,) and ``aS``
 (4,)) and each device takes those of its components (read off ``data.group_features``). A device
 never seen in training but built from known parts thus has known receptor rates: the paper's
-zero-shot prediction. Population: the 25 other parameters. Priors are the paper's log-normals.
+zero-shot prediction. Population: the 25 other parameters, drawn as one vector site
+``population`` (25,) with independent log-normal priors, the paper's (:data:`POPULATION_PRIORS`,
+in that order; :func:`population_names` gives the order of each variant, and
+:func:`population_values` a dict by name). One site rather than 25: each Pyro sample site
+costs its model and guide a fixed amount of Python (messages, distributions, log-densities
+and their gradients) whatever its size, and at 25 sites that was about a sixth of a training
+step (35 against 29 ms, measured in ``docs/vihds.md``). The export to ArviZ names the vector's
+entries (coordinate ``parameter``).
 
 Shapes: ``data`` is a :class:`~pyro_hds.Dataset` of the scaled plate-reader data (see
 :class:`pyro_hds.datasets.ChannelScaler`) with inputs ``(C6, C12)`` and group features
@@ -60,6 +67,7 @@ from pyro_hds.solvers import Heun
 
 __all__ = [
     "INDIVIDUAL_PRIORS",
+    "POPULATION",
     "POPULATION_PRIORS",
     "STATE_NAMES",
     "HybridModel",
@@ -70,6 +78,8 @@ __all__ = [
     "model_growth",
     "model_well_noise",
     "observables",
+    "population_names",
+    "population_values",
     "rhs",
     "rhs_constant_terms",
 ]
@@ -121,6 +131,8 @@ INDIVIDUAL_PRIORS: dict[str, tuple[float, float]] = {
     "rc": (0.0, 2.0),
 }
 X0 = 0.002
+#: the site of the population parameters, a vector in the order of :func:`population_names`
+POPULATION = "population"
 
 
 def _hill(k6, k12, c6, c12, n):
@@ -326,6 +338,42 @@ def make_hybrid_model(solver: object = None) -> HybridModel:
     return HybridModel(solver)
 
 
+def _population_priors(
+    growth: bool = False, promoter: bool = False, noise: str = "channel"
+) -> dict[str, tuple[float, float]]:
+    priors = dict(POPULATION_PRIORS, **({"es": GROWTH_PRIOR} if growth else {}))
+    if promoter:  # the hybrid model learns the promoter response instead
+        priors = {k: v for k, v in priors.items() if k not in PROMOTER_SITES}
+    if noise == "well":  # the precisions are drawn per well
+        priors = {k: v for k, v in priors.items() if k not in PRECISION_SITES}
+    return priors
+
+
+def population_names(
+    growth: bool = False, promoter: bool = False, noise: str = "channel"
+) -> tuple[str, ...]:
+    """The names of the entries of the ``population`` site of :func:`model` with these
+    options (``promoter``: whether a promoter network replaces the promoter functions, as in
+    the hybrid model): :data:`POPULATION_PRIORS`'s order, less the promoter parameters
+    (hybrid) or the precisions (``noise="well"``), then ``es`` (DR_Growth)."""
+    return tuple(_population_priors(growth, promoter, noise))
+
+
+def population_values(
+    values: torch.Tensor, growth: bool = False, promoter: bool = False, noise: str = "channel"
+) -> dict[str, torch.Tensor]:
+    """The ``population`` site's values ``(..., P)`` (draws, say) as a dict by parameter name
+    ``{name: (...)}``, for the model with these options (see :func:`population_names`)."""
+    names = population_names(growth, promoter, noise)
+    if values.shape[-1] != len(names):
+        raise ValueError(
+            f"population_values: the last dim has {values.shape[-1]} entries, the model with "
+            f"growth={growth}, promoter={promoter}, noise={noise!r} has {len(names)} "
+            f"({', '.join(names)}); pass the options the values were drawn with"
+        )
+    return dict(zip(names, values.unbind(-1)))
+
+
 def model(
     data: Dataset,
     solver: object = None,
@@ -335,8 +383,9 @@ def model(
 ) -> None:
     """DR_Constant as a Pyro model of a :class:`~pyro_hds.Dataset` minibatch of wells.
 
-    Sites: the population parameters of :data:`POPULATION_PRIORS` (scalars), ``aR`` (3,) and
-    ``aS`` (4,) per receptor part, the individual ``r, K, tlag, rc`` (N,), the trajectory
+    Sites: ``population`` (P,), the population parameters of :data:`POPULATION_PRIORS` in
+    the order of :func:`population_names` (P = 25 here), ``aR`` (3,) and ``aS`` (4,) per
+    receptor part, the individual ``r, K, tlag, rc`` (N,), the trajectory
     ``states`` (N, T, 8) and the observations ``y`` (N, T, 4). ``solver`` defaults to Heun's
     method with one step per observation interval, as the paper. ``growth=True`` gives
     DR_Growth (see :func:`model_growth`). ``noise="well"`` gives every well its own noise
@@ -347,11 +396,8 @@ def model(
     solver = Heun() if solver is None else solver
     obs = data.observations
     one = obs.new_ones(())
-    priors = dict(POPULATION_PRIORS, **({"es": GROWTH_PRIOR} if growth else {}))
-    if promoter is not None:  # the hybrid model learns the promoter response instead
-        priors = {k: v for k, v in priors.items() if k not in PROMOTER_SITES}
+    priors = _population_priors(growth, promoter is not None, noise)
     if noise == "well":  # the precisions are drawn per well below
-        priors = {k: v for k, v in priors.items() if k not in PRECISION_SITES}
         # population mean and spread of the wells' log precisions, one per channel
         prec_loc = pyro.sample(
             "prec_loc",
@@ -365,9 +411,18 @@ def model(
             .expand([len(PRECISION_SITES)])
             .to_event(1),
         )
-    glob = {
-        name: pyro.sample(name, dist.LogNormal(mu * one, sd)) for name, (mu, sd) in priors.items()
-    }
+    names = tuple(priors)
+    # the names travel with the site to the ArviZ export (pyro_hds.to_datatree)
+    named: Any = {"event_coords": ("parameter", names)}
+    theta = pyro.sample(
+        POPULATION,
+        dist.LogNormal(
+            obs.new_tensor([mu for mu, _ in priors.values()]),
+            obs.new_tensor([sd for _, sd in priors.values()]),
+        ).to_event(1),
+        infer=named,
+    )
+    glob = dict(zip(names, theta.unbind(-1)))
     a_r = pyro.sample(
         "aR",
         dist.LogNormal(PART_PRIOR[0] * one, PART_PRIOR[1]).expand([NUM_LUXR_PARTS]).to_event(1),

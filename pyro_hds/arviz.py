@@ -7,7 +7,8 @@ set's labels, and the groups
 
 * ``posterior``: global sites ``(chain, draw, *event)``, group sites ``(chain, draw, group,
   ...)``, local sites ``(chain, draw, individual, ...)`` and ODE trajectories ``(chain, draw,
-  individual, time, state)``;
+  individual, time, state)``; a last event dim that the model names with
+  ``infer={"event_coords": (dim, labels)}`` gets that dim and coordinate;
 * ``posterior_predictive``: observation sites ``(chain, draw, individual, time, channel)``;
 * ``log_likelihood``: float64 ``(chain, draw, individual)``, the log-likelihood of each
   individual's observed series: pointwise for leave-one-individual-out (``loo``);
@@ -72,7 +73,25 @@ def to_datatree(posterior: Any, data: Any) -> xr.DataTree:
             site_dims = ["group"]
         else:
             site_dims = []
-        site_dims += [f"{name}_dim_{j}" for j in range(len(site_dims), extra)]
+        level_dims = len(site_dims)
+        site_dims += [f"{name}_dim_{j}" for j in range(level_dims, extra)]
+        named = getattr(posterior, "event_coords", {}).get(name)
+        if named is not None and extra > level_dims:  # the site has an event dim to name
+            dim, labels = named
+            if arr.shape[-1] != len(labels):
+                raise ValueError(
+                    f"to_datatree: site {name!r} has {arr.shape[-1]} entries in its last dim "
+                    f"but its event_coords name {len(labels)} ({dim!r}); make the model's "
+                    "infer={'event_coords': (dim, labels)} list one label per entry"
+                )
+            if dim in coords and list(coords[dim]) != list(labels):
+                raise ValueError(
+                    f"to_datatree: dim {dim!r} of site {name!r} has labels {list(labels)}, "
+                    f"another site or the data gave it {list(coords[dim])}; use a dim name of "
+                    "its own"
+                )
+            coords[dim] = list(labels)
+            site_dims[-1] = dim
         dims[name] = site_dims
         post[name] = arr
     pred = {}

@@ -55,6 +55,9 @@ class Posterior:
         weights (NaN for K < 25).
     :ivar ess: ``(N,)`` mean over draws of the weights' effective sample size (out of K).
     :ivar site_levels: site name -> "global", "group", "local" or "observed".
+    :ivar event_coords: site name -> ``(dim, labels)``: names of the entries of the site's
+        last event dim, from the model's ``infer={"event_coords": (dim, labels)}`` (the
+        ArviZ export uses them as that dim's coordinate).
     :ivar num_chains: the draws are this many chains of equal length, one after another
         (Markov chains of :meth:`FitResult.gibbs`; 1 for independent resampled draws).
     :ivar diagnostics: what the sampler reports (:meth:`FitResult.gibbs`: acceptance rates,
@@ -68,6 +71,7 @@ class Posterior:
     pareto_k: torch.Tensor
     ess: torch.Tensor
     site_levels: dict[str, str] = field(default_factory=dict)
+    event_coords: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     num_particles: int = 1
     global_ess: float | None = None
     global_pareto_k: float | None = None
@@ -88,6 +92,7 @@ class Posterior:
             pareto_k=self.pareto_k,
             ess=self.ess,
             site_levels=self.site_levels,
+            event_coords=self.event_coords,
             num_particles=self.num_particles,
         )
 
@@ -285,6 +290,7 @@ class FitResult:
             parts.append(self._resample(weights))
             done += s
         posterior = self._merge(parts, k)
+        posterior.event_coords = self._event_coords()
         if resample_globals is not None:
             log_w = torch.cat([p["joint"] for p in parts])
             probs = torch.softmax(log_w, 0)
@@ -293,6 +299,22 @@ class FitResult:
             posterior.global_ess = float(1.0 / (probs**2).sum())
             posterior.global_pareto_k = float(_pareto_k(log_w[None]).reshape(()))
         return posterior
+
+    def _event_coords(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """Site -> ``(dim, labels)`` from the model's ``infer={"event_coords": ...}``, read
+        off the guide's trace of the model (``AmortizedGuide`` and Pyro's autoguides keep
+        one): the traces of a pass replay the guide, and Pyro's replay gives each model site
+        the guide site's ``infer``."""
+        trace = getattr(self.guide, "prototype_trace", None)
+        out: dict[str, tuple[str, tuple[str, ...]]] = {}
+        if trace is None:
+            return out
+        for name, site in trace.nodes.items():
+            named = site.get("infer", {}).get("event_coords") if site["type"] == "sample" else None
+            if named is not None:
+                dim, labels = named
+                out[name] = (str(dim), tuple(str(x) for x in labels))
+        return out
 
     @staticmethod
     def _resample(weights: LogWeights, chosen: torch.Tensor | None = None) -> dict[str, Any]:
@@ -504,6 +526,7 @@ class FitResult:
                     stacklevel=3,
                 )
         posterior.diagnostics = diagnostics
+        posterior.event_coords = self._event_coords()
         return posterior
 
     def posterior_samples(

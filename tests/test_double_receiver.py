@@ -91,7 +91,8 @@ def test_sites_shapes_and_receptor_rates_come_from_parts():
     feats = sub.group_features[sub.groups]
     lux_part, las_part = feats[:, :3].argmax(-1), feats[:, 3:].argmax(-1)
     ratio = states[:, 1, 6] / states[:, 1, 7]
-    d_r, d_s = float(tr.nodes["dR"]["value"]), float(tr.nodes["dS"]["value"])
+    population = dr.population_values(tr.nodes["population"]["value"])
+    d_r, d_s = float(population["dR"]), float(population["dS"])
     expected = values["aR"][lux_part] / values["aS"][las_part]
     # over the first interval (0.19 h) the degradations change the ratio by under |dR - dS| t
     assert torch.allclose(ratio, expected, rtol=abs(d_r - d_s) * 0.2 + 0.02)
@@ -147,7 +148,13 @@ def test_growth_model_has_its_coupling_site():
     assert DATA is not None
     data = ChannelScaler().fit_transform(DATA)[torch.arange(4)]
     tr = pyro.poutine.trace(dr.model_growth).get_trace(data)
-    assert "es" in tr.nodes and tr.nodes["states"]["value"].shape == (4, 86, 8)
+    names = dr.population_names(growth=True)
+    assert names == (*dr.POPULATION_PRIORS, "es")
+    assert tr.nodes["population"]["value"].shape == (26,)
+    assert tr.nodes["states"]["value"].shape == (4, 86, 8)
+    # es's prior is its own entry of the population site's log-normal
+    base = tr.nodes["population"]["fn"].base_dist.base_dist
+    assert (float(base.loc[-1]), float(base.scale[-1])) == dr.GROWTH_PRIOR
     assert math.isfinite(float(tr.log_prob_sum()))
 
 
@@ -226,8 +233,10 @@ def test_hybrid_model_drops_the_promoter_sites_and_trains():
     data = ChannelScaler().fit_transform(DATA).to(dtype=torch.float32)
     model = dr.make_hybrid_model()
     tr = pyro.poutine.trace(model).get_trace(data[torch.arange(4)])
-    assert not set(dr.PROMOTER_SITES) & set(tr.nodes)
-    assert {"KR6", "aR", "r"} <= set(tr.nodes)
+    names = dr.population_names(promoter=True)
+    assert not set(dr.PROMOTER_SITES) & set(names) and "KR6" in names
+    assert tr.nodes["population"]["value"].shape == (25 - len(dr.PROMOTER_SITES),)
+    assert {"population", "aR", "r"} <= set(tr.nodes)
     assert math.isfinite(float(tr.log_prob_sum().detach()))
     pyro.clear_param_store()
     result = pyro_hds.fit(
@@ -302,16 +311,23 @@ def test_well_noise_model_is_dr_constant_when_every_well_has_the_same_precisions
         k: torch.tensor(v, dtype=f64) for k, v in zip(dr.PRECISION_SITES, [800.0, 350.0, 1e4, 2e4])
     }
     common = {k: torch.full((6,), v, dtype=f64) for k, v in (("r", 1.1), ("K", 0.7), ("rc", 0.3))}
-    base = _conditioned_trace(dr.model, {**common, **shared}, data)
-    latents = set(dr.POPULATION_PRIORS) - set(dr.PRECISION_SITES) | {"aR", "aS", "tlag"}
-    values = {name: base.nodes[name]["value"] for name in latents}
+    # the population at its prior medians, the precisions set to the shared values
+    medians = {
+        k: torch.tensor(math.exp(mu), dtype=f64) for k, (mu, _) in dr.POPULATION_PRIORS.items()
+    }
+    population = torch.stack(list({**medians, **shared}.values()))
+    base = _conditioned_trace(dr.model, {**common, "population": population}, data)
+    values = {name: base.nodes[name]["value"] for name in ("aR", "aS", "tlag")}
+    names = dr.population_names(noise="well")
+    assert set(names) == set(dr.POPULATION_PRIORS) - set(dr.PRECISION_SITES)
+    values["population"] = torch.stack([medians[k] for k in names])
     prec = torch.stack([shared[k] for k in dr.PRECISION_SITES]).expand(6, 4).clone()
     values.update(common, prec=prec)
     well = _conditioned_trace(dr.model_well_noise, values, data)
     assert well.nodes["prec"]["fn"].batch_shape == (6,)
     assert well.nodes["prec"]["fn"].event_shape == (4,)
     assert well.nodes["prec_loc"]["value"].shape == (4,)
-    assert not any(name in well.nodes for name in dr.PRECISION_SITES)
+    assert well.nodes["population"]["value"].shape == (21,)
     torch.testing.assert_close(
         well.nodes["states"]["value"], base.nodes["states"]["value"], rtol=0, atol=0
     )
@@ -330,3 +346,37 @@ def test_well_noise_model_is_dr_constant_when_every_well_has_the_same_precisions
     want = 86 * 0.5 * math.log(2.0) - 0.5 * float(shared["prec_rfp"]) * float((err**2).sum())
     # float64 sums of 344 terms on each side: rounding far below 1e-9 of the difference
     assert abs(float(diff[2]) - want) < 1e-9 * abs(want)
+
+
+def test_population_site_names_and_values():
+    # the population site holds POPULATION_PRIORS in order; population_values splits it by name
+    assert dr.population_names() == tuple(dr.POPULATION_PRIORS)
+    values = torch.arange(25.0).reshape(1, 25).expand(3, 25)
+    by_name = dr.population_values(values)
+    assert list(by_name) == list(dr.POPULATION_PRIORS)
+    torch.testing.assert_close(by_name["KGR_76"], torch.full((3,), 6.0))
+    with pytest.raises(ValueError, match="growth=True"):
+        dr.population_values(values, growth=True)
+
+
+@needs_data
+def test_population_site_priors_and_arviz_coordinates():
+    assert DATA is not None
+    data = ChannelScaler().fit_transform(DATA)[torch.arange(4)].to(dtype=torch.float32)
+    tr = pyro.poutine.trace(dr.model).get_trace(data)
+    site = tr.nodes["population"]
+    base = site["fn"].base_dist.base_dist  # Independent(LogNormal(Normal))
+    want = torch.tensor(list(dr.POPULATION_PRIORS.values()), dtype=torch.float32)
+    torch.testing.assert_close(base.loc, want[:, 0])
+    torch.testing.assert_close(base.scale, want[:, 1])
+    assert site["infer"]["event_coords"] == ("parameter", dr.population_names())
+    pyro.clear_param_store()
+    result = pyro_hds.fit(
+        dr.model, data, objective=pyro_hds.IWAE(num_particles=3), num_steps=2, progress=False
+    )
+    tree = result.to_arviz(data, num_samples=5, num_particles=3)
+    pop = tree["posterior"]["population"]
+    assert pop.dims == ("chain", "draw", "parameter")
+    assert list(pop.coords["parameter"].values) == list(dr.POPULATION_PRIORS)
+    assert float(pop.sel(parameter="KR6").min()) > 0
+    pyro.clear_param_store()
