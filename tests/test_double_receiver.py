@@ -379,4 +379,15 @@ def test_population_site_priors_and_arviz_coordinates():
     assert pop.dims == ("chain", "draw", "parameter")
     assert list(pop.coords["parameter"].values) == list(dr.POPULATION_PRIORS)
     assert float(pop.sel(parameter="KR6").min()) > 0
+    # labels that do not fit are an error naming the site, not a mislabelled export
+    from pyro_hds.arviz import to_datatree
+
+    post = result.posterior(data, num_samples=5, num_particles=3)
+    names = dr.population_names()
+    post.event_coords = {"population": ("parameter", names[:-1])}
+    with pytest.raises(ValueError, match=r"'population' has 25 entries .* name 24"):
+        to_datatree(post, data)
+    post.event_coords = {"population": ("parameter", names), "aR": ("parameter", ("a", "b", "c"))}
+    with pytest.raises(ValueError, match="dim 'parameter' of site 'aR'"):
+        to_datatree(post, data)
     pyro.clear_param_store()
