@@ -40,6 +40,16 @@ from pyro_hds.plates import GROUPS, INDIVIDUALS, groups, individuals
 __all__ = ["AmortizedGuide", "init_to_prior_median"]
 
 
+_HALF_LOG_TWO_PI = math.log(math.sqrt(2 * math.pi))
+
+
+def _normal_log_density(u: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log N(u; \mu, \sigma^2)` elementwise, with the operations of torch's
+    ``Normal.log_prob`` (so the same bits): the guide's log-normal and the objective's
+    grouped global sites (``pyro_hds.objectives``) both use it."""
+    return -((u - loc) ** 2) / (2 * scale**2) - scale.log() - _HALF_LOG_TWO_PI
+
+
 class _ExpNormal(dist.TorchDistribution):
     r"""The log-normal: :math:`\exp(u)` with :math:`u \sim N(\mu, \sigma^2)`, density
 
@@ -82,12 +92,7 @@ class _ExpNormal(dist.TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         u = value.log()
-        normal = (
-            -((u - self.loc) ** 2) / (2 * self.scale**2)
-            - self.scale.log()
-            - math.log(math.sqrt(2 * math.pi))
-        )
-        return normal - u
+        return _normal_log_density(u, self.loc, self.scale) - u
 
     @property
     def mean(self) -> torch.Tensor:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -44,7 +45,9 @@ from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.plate_messenger import PlateMessenger
 from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import Independent, LogNormal, Normal
 
+from pyro_hds.guides import _ExpNormal, _normal_log_density
 from pyro_hds.plates import INDIVIDUALS
 
 __all__ = ["IWAE", "LogWeights", "NonFiniteLossError"]
@@ -151,18 +154,10 @@ def _detach_distribution(d: Any) -> Any:
     )
 
 
-_HALF_LOG_TWO_PI = math.log(math.sqrt(2 * math.pi))
-
-
 def _gaussian_parts(fn: Any) -> tuple[bool, torch.Tensor, torch.Tensor] | None:
     """``(log_space, loc, scale)`` when ``fn``, inside any ``Independent`` wrappers, is a
     normal (``log_space`` False) or a log-normal (torch's or pyro's ``LogNormal``, or the
     guide's written-out one; ``log_space`` True); else None."""
-    import pyro.distributions as dist
-    from torch.distributions import Independent, LogNormal, Normal
-
-    from pyro_hds.guides import _ExpNormal
-
     while isinstance(fn, Independent):
         fn = fn.base_dist
     if type(fn) in (Normal, dist.Normal):
@@ -175,14 +170,14 @@ def _gaussian_parts(fn: Any) -> tuple[bool, torch.Tensor, torch.Tensor] | None:
 
 
 def _grouped_log_densities(
-    members: list[tuple[str, bool, torch.Tensor, torch.Tensor, torch.Tensor, int]], s: int
+    members: list[tuple[str, bool, torch.Tensor, torch.Tensor, torch.Tensor, int]],
+    s: int,
+    log_space: bool,
 ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-    r"""The log-densities of several global normal and log-normal sites of one trace in one
-    pass, with the formula of torch's ``Normal.log_prob`` (for a log-normal at
-    :math:`u = \log x`, less the log-Jacobian :math:`u`):
-
-    .. math:: \log p(x) = -\frac{(u - \mu)^2}{2\sigma^2} - \log\sigma
-        - \log\sqrt{2\pi} - [\text{log-normal}]\, u.
+    r"""The log-densities of several global sites of one trace, all normal
+    (``log_space=False``) or all log-normal, in one pass, with the formula of torch's
+    ``Normal.log_prob`` (:func:`~pyro_hds.guides._normal_log_density`; for a log-normal at
+    :math:`u = \log x`, less the log-Jacobian :math:`u`).
 
     ``members``: ``(name, log_space, value, loc, scale, batch_numel)`` with ``value`` of
     shape ``(S, ...)``. Every site's value, loc and scale are flattened to ``(S, n_i)`` and
@@ -191,29 +186,14 @@ def _grouped_log_densities(
     each. Returns the ``(S,)`` sum over all sites and ``(name, (S, E_i))`` per site: its
     log-density summed over its event dims, ``E_i`` the product of its batch dims after the
     first."""
-    values, locs, scales, flags = [], [], [], []
-    for _, log_space, value, loc, scale, _ in members:
-        values.append(value.reshape(s, -1))
-        locs.append(loc.expand(value.shape).reshape(s, -1))
-        scales.append(scale.expand(value.shape).reshape(s, -1))
-        flags.append(log_space)
+    values = [value.reshape(s, -1) for _, _, value, _, _, _ in members]
     x = torch.cat(values, -1)
-    loc = torch.cat(locs, -1)
-    scale = torch.cat(scales, -1)
-    if all(flags):
-        u = x.log()
-    elif not any(flags):
-        u = x
-    else:
-        is_log = torch.cat(
-            [torch.full_like(v, float(f), dtype=torch.bool) for v, f in zip(values, flags)], -1
-        )
-        u = torch.where(is_log, x.log(), x)
-    lp = -((u - loc) ** 2) / (2 * scale**2) - scale.log() - _HALF_LOG_TWO_PI
-    if all(flags):
+    loc = torch.cat([m[3].expand(m[2].shape).reshape(s, -1) for m in members], -1)
+    scale = torch.cat([m[4].expand(m[2].shape).reshape(s, -1) for m in members], -1)
+    u = x.log() if log_space else x
+    lp = _normal_log_density(u, loc, scale)
+    if log_space:
         lp = lp - u
-    elif any(flags):
-        lp = lp - torch.where(is_log, u, torch.zeros_like(u))
     out, start = [], 0
     for (name, _, _, _, _, batch), v in zip(members, values):
         width = v.shape[-1]
@@ -423,8 +403,11 @@ class IWAE(ELBO):
                     term = sign * x
                     global_terms = term if global_terms is None else global_terms + term
                     contributions.append((kind, name, term))
-            if grouped:
-                total, pieces = _grouped_log_densities(grouped, s)
+            for log_space in (False, True):  # the normal sites, then the log-normal ones
+                family = [m for m in grouped if m[1] == log_space]
+                if not family:
+                    continue
+                total, pieces = _grouped_log_densities(family, s, log_space)
                 term = sign * total
                 global_terms = term if global_terms is None else global_terms + term
                 for name, piece in pieces:
